@@ -1,0 +1,247 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen base layer plus name-keyed low-rank adapters.
+
+``y = base(x) + Σ_active s_a · B_a(A_a(dropout_a(x)))``, with ``A_a ∈ R^{r×in}``, ``B_a ∈ R^{out×r}``.
+
+The wrapper never dissolves its base layer: ``base_layer`` is the original ``nn.Linear``, GPT-2 ``Conv1D``
+or lorakit 4-bit layer, untouched. Adapters live in ``nn.ModuleDict``s keyed by adapter name, so several
+coexist; parameter paths (``q_proj.lora_A.default.weight``) match PEFT's in-memory names.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.errors import MergeError
+
+
+def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a wrappable layer (Linear, GPT-2 Conv1D, 4-bit linear)."""
+    if isinstance(layer, Conv1D):
+        in_features, out_features = layer.weight.shape  # Conv1D stores W^T: [in, out]
+        return in_features, out_features
+    return layer.in_features, layer.out_features
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """True for base layers that store their weight in a quantized form and expose ``dequantize()``."""
+    return hasattr(layer, "dequantize") and hasattr(layer, "weight_numel")
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear-like base layer with any number of named LoRA adapters.
+
+    Args:
+        base_layer (nn.Module): ``nn.Linear``, transformers ``Conv1D`` (weight ``[in, out]``) or a quantized
+            linear exposing ``in_features``, ``out_features`` and ``dequantize()``.
+
+    Adapter weights are kept in fp32 whatever the base dtype; inputs are cast to the adapter dtype and the
+    adapter output back to the base output dtype (``algorithms.md`` §1, pitfalls).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.in_features, self.out_features = base_layer_shape(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+        self.train(base_layer.training)  # a wrapper added to a model in eval mode stays in eval mode
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        """Create adapter ``name``: ``lora_A`` [r, in] and ``lora_B`` [out, r] in fp32 on the base's device."""
+        device = self._base_device()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.train(self.training)  # new submodules start in training mode; follow the wrapper's mode
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
+        self.reset_adapter(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights: bool | str = True) -> None:
+        """Initialize adapter ``name`` as PEFT does (``reset_lora_parameters``)."""
+        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights is False:
+            return  # nn.Linear's own random init for both: the output changes at step 0 (debugging only)
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(weight_a, std=1 / self.r[name])
+        else:
+            # kaiming-uniform with a=√5 gives U(-1/√in, 1/√in), the nn.Linear default.
+            nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))
+        nn.init.zeros_(weight_b)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerging it first if merged) and free its weights."""
+        if name in self.merged_adapters:
+            self._unmerge_one(name)
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            if name in table:
+                del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _base_device(self) -> torch.device:
+        for tensor in (*self.base_layer.parameters(), *self.base_layer.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # x: [..., in]  ->  [..., out]
+        if self.adapters_disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            x_adapter = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            delta = lora_b(lora_a(x_adapter)) * self.scaling[name]  # [..., r] -> [..., out]
+            result = result + delta.to(result.dtype)
+        return result
+
+    # ---------------------------------------------------------------------------------------------- merge
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s · B A`` for adapter ``name`` in fp32, laid out like the base weight ([out, in], or [in, out]
+        for Conv1D)."""
+        weight_a = self.lora_A[name].weight.float()  # [r, in]
+        weight_b = self.lora_B[name].weight.float()  # [out, r]
+        delta = (weight_b @ weight_a) * self.scaling[name]  # [out, in]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the deltas of ``adapter_names`` (default: the active ones) into the base weight.
+
+        Args:
+            adapter_names (list[str] | None): Adapters to merge; already merged ones are skipped.
+            safe_merge (bool): Compute the merged weight on a copy first and raise if it is not finite.
+
+        Raises:
+            MergeError: The merged weight has NaN/Inf (with ``safe_merge``), or the base is quantized.
+        """
+        if is_quantized(self.base_layer):
+            raise MergeError(
+                "cannot merge into a quantized base layer in place; use lorakit.merge_and_unload(model), "
+                "which dequantizes the base once and merges exactly"
+            )
+        weight = self.base_layer.weight
+        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            merged = weight.data.float() + self.delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise MergeError(
+                    f"merging adapter {name!r} gives NaN or Inf weights; the base was left unchanged"
+                )
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta from the base weight, in reverse merge order."""
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters[-1])
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data.copy_((weight.data.float() - self.delta_weight(name)).to(weight.dtype))
+        self.merged_adapters.remove(name)
+
+    def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """The base layer with the adapters' deltas merged in, as its original class.
+
+        A quantized base is dequantized once into an ``nn.Linear`` in its compute dtype; the deltas are added
+        in fp32 before the single rounding to that dtype, so the result equals dequantized base + adapter.
+        """
+        names = adapter_names if adapter_names is not None else list(self.active_adapters)
+        if not is_quantized(self.base_layer):
+            self.merge(names, safe_merge=True)
+            self.merged_adapters.clear()  # the layer is about to leave this wrapper
+            return self.base_layer
+        base = self.base_layer
+        weight = base.dequantize(torch.float32)  # [out, in]
+        for name in names:
+            if name in self.lora_A:
+                weight = weight + self.delta_weight(name)
+        if not torch.isfinite(weight).all():
+            raise MergeError(f"merging adapters {names} gives NaN or Inf weights")
+        dtype = base.compute_dtype
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=base.bias is not None, device=weight.device
+        )
+        linear = linear.to(dtype)
+        linear.weight.data.copy_(weight.to(dtype))
+        if base.bias is not None:
+            linear.bias.data.copy_(base.bias.data.to(dtype))
+        linear.requires_grad_(False)
+        return linear
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full for an adapter (PEFT ``modules_to_save``): the original stays untouched and
+    each adapter owns a trainable copy under ``modules_to_save[name]``."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        """Make adapter ``name``'s trainable copy of the original module."""
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s copy."""
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        if self.adapters_disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Attribute reads (``weight``, ``out_features`` ...) go to the module in use, so code that inspects a
+        # wrapped lm_head or classifier keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self._modules
+            active = self.__dict__.get("active_adapter")
+            if active is not None and active in modules["modules_to_save"]:
+                return getattr(modules["modules_to_save"][active], name)
+            return getattr(modules["original_module"], name)
+
+
+__all__ = ["LoraLinear", "ModulesToSaveWrapper", "base_layer_shape", "is_quantized"]

@@ -1,0 +1,248 @@
+"""What an adapter is: :class:`LoraConfig`, its validation, and its ``adapter_config.json`` mapping.
+
+Field names and meanings follow PEFT's ``LoraConfig`` wherever the concept is the same, so an
+``adapter_config.json`` written by either library reads in the other. Validation happens once, in
+``__post_init__``; everything downstream trusts a constructed config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+# Named target presets. Each entry lists module-name suffixes for the architectures we know (Llama, Mistral,
+# Qwen2: *_proj; GPT-2: c_attn / c_proj / c_fc; BERT: query / key / value / dense). Only the suffixes that
+# exist in a given model are kept when the preset is resolved, so one preset works across families.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "minimal": ("q_proj", "v_proj", "query", "value", "c_attn"),
+    "attention": (
+        "q_proj", "k_proj", "v_proj", "o_proj",
+        "query", "key", "value", "attention.output.dense",
+        "c_attn", "attn.c_proj",
+    ),
+    "all": (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "query", "key", "value", "dense",
+        "c_attn", "c_proj", "c_fc",
+    ),
+}  # fmt: skip
+ALL_LINEAR = "all-linear"
+
+# Fields of PEFT's LoraConfig that lorakit writes to every adapter_config.json. Newer PEFT fields are written
+# only when they differ from PEFT's default, so older PEFT releases (which reject unknown keys) still load
+# plain LoRA adapters: see PEFT issues #1979, #2275.
+_PEFT_CORE_KEYS = (
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+)  # fmt: skip
+
+# PEFT fields lorakit does not implement; an adapter that sets them to a non-default value is refused with
+# a clear error instead of being loaded wrongly.
+_PEFT_UNSUPPORTED = {
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+}
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter (PEFT-compatible field names).
+
+    Args:
+        r (int): Rank of the update ``ΔW = s·B A``. Default 8.
+        lora_alpha (float): Scale numerator: ``s = lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA). Default 8.
+        target_modules (list[str] | str | None): A list is matched against module paths exactly or as a
+            ``.suffix``; a string is a full regex over the path; ``"all-linear"`` takes every Linear / GPT-2
+            Conv1D except the output head; ``"minimal"`` (q, v), ``"attention"`` (q, k, v, o) and ``"all"``
+            (attention + MLP) are presets. ``None`` means ``"minimal"``.
+        exclude_modules (list[str] | str | None): Same matching rules; matched modules are never wrapped.
+        lora_dropout (float): Dropout on the adapter input, in ``[0, 1)``. Default 0.
+        use_rslora (bool): Scale by ``lora_alpha / sqrt(r)`` (rank-stabilized LoRA). Default False.
+        init_lora_weights (bool | str): ``True``: A kaiming-uniform (a=√5), B zero. ``"gaussian"``:
+            A ~ N(0, 1/r), B zero. ``False``: A and B random (output changes at step 0; for tests).
+        bias (str): Only ``"none"``: biases stay frozen and are not saved.
+        modules_to_save (list[str] | None): Modules (by name suffix) trained in full and saved with the
+            adapter, e.g. ``["lm_head"]`` or a classification head ``["classifier"]``.
+        rank_pattern (dict[str, int]): Per-module rank, keyed by a regex matched as ``(.*\\.)?(key)$``.
+        alpha_pattern (dict[str, float]): Per-module alpha, same matching.
+        layers_to_transform (list[int] | int | None): Only wrap targets in these layer indices (needs a list
+            ``target_modules``).
+        layers_pattern (list[str] | str | None): Name of the layer list (``"layers"``, ``"h"``) used to find
+            the layer index; ``None`` takes the first numbered path segment.
+        fan_in_fan_out (bool): Weight stored as ``[in, out]``; set automatically for GPT-2 Conv1D.
+        task_type (str | None): PEFT task type written to the file (``"CAUSAL_LM"``, ``"SEQ_CLS"`` ...);
+            inferred from the model when ``None``.
+        base_model_name_or_path (str | None): Recorded in the file for users and tools.
+
+    Raises:
+        ConfigError: A field has an invalid value; the message names the field, expected and got.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0):
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not _is_positive_number(self.lora_alpha):
+            raise ConfigError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if self.bias != "none":
+            raise ConfigError(
+                f"LoraConfig.bias={self.bias!r} is not supported: lorakit keeps base biases frozen "
+                "(bias='none'); train a bias with modules_to_save instead"
+            )
+        self.target_modules = self._check_names("target_modules", self.target_modules)
+        self.exclude_modules = self._check_names("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.target_modules not in (ALL_LINEAR, *TARGET_PRESETS):
+            _check_regex("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            _check_regex("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self._check_names("modules_to_save", self.modules_to_save) or [])
+        for key, value in self.rank_pattern.items():
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ConfigError(
+                    f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}"
+                )
+        for key, value in self.alpha_pattern.items():
+            if not _is_positive_number(value):
+                raise ConfigError(
+                    f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {value!r}"
+                )
+        if self.layers_to_transform is not None:
+            if isinstance(self.target_modules, str):
+                raise ConfigError(
+                    "LoraConfig.layers_to_transform needs target_modules as a list of names, "
+                    f"got the string {self.target_modules!r}"
+                )
+            layers = self.layers_to_transform
+            layers = [layers] if isinstance(layers, int) else list(layers)
+            if not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise ConfigError(
+                    f"LoraConfig.layers_to_transform must hold non-negative integers, got {self.layers_to_transform!r}"
+                )
+
+    @staticmethod
+    def _check_names(name: str, value: Any) -> list[str] | str | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+            # Sets (as PEFT writes them in memory) are sorted so files and comparisons are deterministic.
+            return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        raise ConfigError(f"LoraConfig.{name} must be a string or a list of strings, got {value!r}")
+
+    # ----------------------------------------------------------------------------------------------------
+    def rank_for(self, module_path: str) -> int:
+        """Rank of the adapter on ``module_path`` (``rank_pattern`` first, else ``r``)."""
+        key = _pattern_key(self.rank_pattern, module_path)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_path: str) -> float:
+        """Alpha of the adapter on ``module_path`` (``alpha_pattern`` first, else ``lora_alpha``)."""
+        key = _pattern_key(self.alpha_pattern, module_path)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """The adapter scale ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # ----------------------------------------------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content, in PEFT's schema (``peft_type: LORA``)."""
+        values = dataclasses.asdict(self)
+        target = values["target_modules"]
+        values.update(
+            peft_type="LORA",
+            revision=None,
+            inference_mode=True,
+            use_dora=False,
+            target_modules=sorted(target) if isinstance(target, list) else target,
+        )
+        out = {key: values[key] for key in _PEFT_CORE_KEYS}
+        if self.exclude_modules is not None:
+            out["exclude_modules"] = self.exclude_modules
+        return out
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
+        """Build a config from an ``adapter_config.json`` dict written by lorakit or PEFT.
+
+        Unknown keys are ignored (newer PEFT fields); PEFT features lorakit does not implement are refused.
+
+        Raises:
+            ConfigError: The file describes something other than a plain LoRA adapter, or a field is invalid.
+        """
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ConfigError(
+                f"{source}: peft_type is {peft_type!r}; lorakit.load_adapter reads LORA adapters"
+            )
+        if data.get("use_dora"):
+            raise ConfigError(f"{source}: use_dora=true (DoRA) is not supported by this lorakit version")
+        for key, default in _PEFT_UNSUPPORTED.items():
+            if data.get(key, default) not in (default, [], {}):
+                raise ConfigError(
+                    f"{source}: {key}={data[key]!r} is a PEFT feature lorakit does not implement; "
+                    "merge the adapter with PEFT first or re-train without it"
+                )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {key: value for key, value in data.items() if key in names and value is not None}
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and init != "gaussian":
+            # pissa / olora / loftq ... only change the initialization; the saved weights are plain LoRA.
+            kwargs["init_lora_weights"] = True
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first key matching ``(.*\\.)?(key)$`` against the module path."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"LoraConfig.{name}={pattern!r} is not a valid regular expression: {err}") from None

@@ -1,0 +1,36 @@
+"""Typed errors. Each one says what is wrong, where, and how to fix it.
+
+Every error lorakit raises on bad input derives from :class:`LorakitError`, so callers can catch one type;
+the subclasses also derive from the builtin exception a Python user would expect (``ValueError`` for bad
+values, ``FileNotFoundError`` for missing files), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on bad input."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A configuration field has a value that cannot work (names the field, expected vs got)."""
+
+
+class TargetModuleError(LorakitError, ValueError):
+    """The adapter's target modules do not match the model (lists what the model has)."""
+
+
+class AdapterMismatchError(LorakitError, ValueError):
+    """An adapter file does not fit the model it is loaded into (names the first mismatch)."""
+
+
+class AdapterFileError(LorakitError, OSError):
+    """An adapter or model file is missing, unreadable or corrupt (names the file)."""
+
+
+class QuantizationError(LorakitError, ValueError):
+    """A tensor cannot be quantized as asked (names the tensor and the reason)."""
+
+
+class MergeError(LorakitError, ValueError):
+    """Merging an adapter would produce non-finite weights or is not possible for this layer."""

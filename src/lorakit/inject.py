@@ -1,0 +1,406 @@
+"""Walk a model: find target modules, wrap them with adapters, freeze, count, merge, unload.
+
+Every function here works in place on an ordinary ``nn.Module`` (a transformers model stays a transformers
+model: ``forward``, ``generate`` and ``save_pretrained`` keep working). The adapter configs are kept on the
+model as ``model.lorakit_configs`` (name -> :class:`LoraConfig`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.adapters.lora import LoraLinear, ModulesToSaveWrapper, is_quantized
+from lorakit.config import ALL_LINEAR, TARGET_PRESETS, LoraConfig
+from lorakit.errors import ConfigError, TargetModuleError
+
+CONFIGS_ATTR = "lorakit_configs"
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters on ``model``, name -> config (empty if it was never wrapped)."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """Every ``(path, LoraLinear)`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
+
+
+def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear-like modules by path, seen through existing wrappers (paths as in the unwrapped model)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            found[name] = module.base_layer
+        elif _is_linear_like(module) and not any(
+            part in name for part in (".base_layer", ".lora_", ".modules_to_save.", ".original_module")
+        ):
+            found[name] = module
+    return found
+
+
+def _matches(patterns: list[str] | str, path: str) -> bool:
+    """PEFT's matching: a string is a full regex; a list matches the whole path or a ``.suffix``."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, path) is not None
+    return path in patterns or any(path.endswith(f".{p}") for p in patterns)
+
+
+def _layer_index_ok(config: LoraConfig, path: str) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    wanted = config.layers_to_transform
+    wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+    patterns = config.layers_pattern
+    if not patterns:
+        match = _LAYER_INDEX.match(path)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return match is not None and int(match.group("idx")) in wanted
+
+
+def _output_head_path(model: nn.Module) -> str | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def _linear_names_hint(candidates: dict[str, nn.Module]) -> str:
+    suffixes = sorted({path.rsplit(".", 1)[-1] for path in candidates})
+    return ", ".join(suffixes) if suffixes else "(none)"
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> list[str]:
+    """Paths of the modules ``config`` targets in ``model``, and a concrete ``target_modules`` list.
+
+    ``"all-linear"`` and presets are resolved to the suffix names found in the model, and the config is
+    updated with that list so the saved ``adapter_config.json`` names real modules (as PEFT does).
+
+    Args:
+        model (nn.Module): The model to search.
+        config (LoraConfig): The adapter config; ``target_modules`` may be rewritten to a list.
+        strict (bool): Each name of a user-given list must match some module.
+
+    Raises:
+        TargetModuleError: Nothing matches, or (strict) a listed name matches nothing; the message lists the
+            model's linear module names.
+    """
+    candidates = _base_modules(model)
+    saved = set()
+    for pattern in config.modules_to_save or []:
+        saved |= {p for p in candidates if re.match(rf"(^|.*\.){re.escape(pattern)}($|\..*)", p)}
+    target = config.target_modules if config.target_modules is not None else "minimal"
+    if target == ALL_LINEAR:
+        head = _output_head_path(model)
+        paths = [p for p in candidates if p != head]
+        target = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        # A name shared with the output head (none in practice) would re-include it; keep the exact paths.
+        if head is not None and head.rsplit(".", 1)[-1] in target:
+            target = sorted(paths)
+    elif isinstance(target, str) and target in TARGET_PRESETS:
+        present = [s for s in TARGET_PRESETS[target] if any(_matches([s], p) for p in candidates)]
+        if not present:
+            raise TargetModuleError(
+                f"target_modules preset {target!r} matches no module of {type(model).__name__}; "
+                f"its linear modules are: {_linear_names_hint(candidates)}. Use a list of these names."
+            )
+        target = present
+    elif isinstance(target, list) and strict:
+        for name in target:
+            if not any(_matches([name], p) for p in candidates):
+                raise TargetModuleError(
+                    f"target_modules entry {name!r} matches no linear module of {type(model).__name__}; "
+                    f"its linear modules are: {_linear_names_hint(candidates)}"
+                )
+    config.target_modules = target
+    paths = [
+        p
+        for p in candidates
+        if p not in saved
+        and _matches(target, p)
+        and not (config.exclude_modules and _matches(config.exclude_modules, p))
+        and _layer_index_ok(config, p)
+    ]
+    if not paths:
+        raise TargetModuleError(
+            f"target_modules={target!r} matches no linear module of {type(model).__name__}"
+            f"{' in layers ' + str(config.layers_to_transform) if config.layers_to_transform is not None else ''}; "
+            f"its linear modules are: {_linear_names_hint(candidates)}"
+        )
+    return paths
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def wrap(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", strict: bool = True
+) -> nn.Module:
+    """Add a LoRA adapter named ``adapter_name`` to ``model``, in place.
+
+    The first adapter becomes active and trainable; all base weights are frozen. A later adapter is added
+    inactive and frozen (as in PEFT) until :func:`set_adapter` names it.
+
+    Args:
+        model (nn.Module): Any Hugging Face (or plain torch) model.
+        config (LoraConfig): The adapter's configuration.
+        adapter_name (str): Unique name of the adapter. Default ``"default"``.
+        strict (bool): Refuse listed target names that match nothing.
+
+    Returns:
+        nn.Module: The same ``model`` object.
+
+    Raises:
+        ConfigError: ``adapter_name`` is already used or is not a valid name.
+        TargetModuleError: The targets match no module.
+    """
+    configs = adapter_configs(model)
+    if not adapter_name or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or adapter_name == "__base__":
+        raise ConfigError(
+            f"adapter_name must be letters, digits, '_' or '-' (not '__base__'), got {adapter_name!r}"
+        )
+    if adapter_name in configs:
+        raise ConfigError(
+            f"an adapter named {adapter_name!r} is already on this model; pick another name "
+            f"(present: {sorted(configs)})"
+        )
+    first = not configs
+    if config.task_type is None:
+        config.task_type = _infer_task_type(model)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    paths = resolve_targets(model, config, strict=strict)
+    # GPT-2 Conv1D stores W^T; PEFT records that as fan_in_fan_out (and forces it on when loading).
+    config.fan_in_fan_out = (
+        any(isinstance(model.get_submodule(p), Conv1D) for p in paths) or config.fan_in_fan_out
+    )
+    if first:
+        model.requires_grad_(False)
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            _set_submodule(model, path, module)
+        r, alpha = config.rank_for(path), config.alpha_for(path)
+        module.add_adapter(
+            adapter_name, r, alpha, config.scaling(r, alpha), config.lora_dropout, config.init_lora_weights
+        )
+        module.lora_A[adapter_name].requires_grad_(first)
+        module.lora_B[adapter_name].requires_grad_(first)
+    _wrap_modules_to_save(model, config, adapter_name, trainable=first)
+    configs[adapter_name] = config
+    if first:
+        set_adapter(model, adapter_name)
+    return model
+
+
+def _wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str, trainable: bool) -> None:
+    for pattern in config.modules_to_save or []:
+        matched = False
+        for path, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                target = module if (path == pattern or path.endswith(f".{pattern}")) else None
+            elif (path == pattern or path.endswith(f".{pattern}")) and ".modules_to_save." not in path:
+                target = ModulesToSaveWrapper(module)
+                _set_submodule(model, path, target)
+            else:
+                target = None
+            if target is not None:
+                target.add_adapter(adapter_name)
+                target.modules_to_save[adapter_name].requires_grad_(trainable)
+                matched = True
+        if not matched:
+            raise TargetModuleError(
+                f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__}"
+            )
+
+
+def _infer_task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
+    """Make ``adapter_names`` the active adapter(s); only they are trainable.
+
+    Raises:
+        ConfigError: A name is not an adapter of the model.
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    configs = adapter_configs(model)
+    for name in names:
+        if name not in configs:
+            raise ConfigError(f"no adapter named {name!r} on this model; present: {sorted(configs)}")
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [n for n in names if n in layer.lora_A]
+        for name in layer.lora_A:
+            layer.lora_A[name].requires_grad_(name in names)
+            layer.lora_B[name].requires_grad_(name in names)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            active = [n for n in names if n in module.modules_to_save]
+            module.active_adapter = active[0] if active else None
+            for name, copy in module.modules_to_save.items():
+                copy.requires_grad_(name in names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters currently active on ``model``."""
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model only inside the ``with`` block (merged adapters are unmerged first)."""
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+    previous = [m.adapters_disabled for m in layers]
+    for module in layers:
+        module.adapters_disabled = True
+    try:
+        yield
+    finally:
+        for module, state in zip(layers, previous):
+            module.adapters_disabled = state
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from every layer and free its memory."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ConfigError(f"no adapter named {adapter_name!r} on this model; present: {sorted(configs)}")
+    for _, layer in lora_layers(model):
+        layer.delete_adapter(adapter_name)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.delete_adapter(adapter_name)
+    del configs[adapter_name]
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = True) -> None:
+    """Merge the active (or named) adapters into the base weights, reversibly (see :func:`unmerge`)."""
+    for _, layer in lora_layers(model):
+        layer.merge(adapter_names, safe_merge=safe_merge)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` on every layer."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge the active (or named) adapters and remove every wrapper: a plain model of the original classes.
+
+    4-bit base layers are dequantized once into ``nn.Linear`` in their compute dtype and merged exactly.
+    ``modules_to_save`` copies of the active adapter replace their originals.
+    """
+    names = adapter_names if adapter_names is not None else active_adapters(model)
+    for path, layer in list(lora_layers(model)):
+        layer.unmerge()
+        _set_submodule(model, path, layer.merged_base_layer(names))
+    _unwrap_modules_to_save(model, keep=names[0] if names else None)
+    adapter_configs(model).clear()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the base model of the original classes."""
+    for path, layer in list(lora_layers(model)):
+        layer.unmerge()
+        _set_submodule(model, path, layer.base_layer)
+    _unwrap_modules_to_save(model, keep=None)
+    adapter_configs(model).clear()
+    return model
+
+
+def _unwrap_modules_to_save(model: nn.Module, keep: str | None) -> None:
+    for path, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            inner = module.modules_to_save[keep] if keep in module.modules_to_save else module.original_module  # noqa: SIM401
+            _set_submodule(model, path, inner)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, as PEFT's ``get_nb_trainable_parameters``.
+
+    Quantized base weights count as their logical number of elements (PEFT counts bitsandbytes' packed
+    4-bit tensors as ``numel * 2``, which is the same number).
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    for module in model.modules():
+        if is_quantized(module):
+            total += module.weight_numel
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's exact line: ``trainable params: 4,096 || all params: 102,720 || trainable%: 3.9875``."""
+    trainable, total = trainable_parameters(model)
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def mark_trainable(model: nn.Module, adapter_name: str, trainable: bool = True) -> None:
+    """Set ``requires_grad`` on every weight of one adapter."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.lora_A[adapter_name].requires_grad_(trainable)
+            layer.lora_B[adapter_name].requires_grad_(trainable)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            module.modules_to_save[adapter_name].requires_grad_(trainable)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s tensors under PEFT's file keys (``base_model.model.<path>.lora_A.weight``)."""
+    state = {}
+    for path, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            state[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            state[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
+                state[f"base_model.model.{path}.{key}"] = tensor
+    return state
