@@ -63,3 +63,35 @@ def model_output(model, input_ids: torch.Tensor) -> torch.Tensor:
 def sample_ids(seed: int = 1, batch: int = 2, length: int = 9) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+def write_causal_lm_dir(path, tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """Save a tiny random Llama with ``tokenizer``'s vocabulary as a Hugging Face model directory."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_alpaca(path, rows: int, seed: int = 0, offset: int = 0):
+    """An alpaca JSONL file of a learnable task: repeat the input word twice."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow"]
+    with open(path, "w") as handle:
+        for _ in range(rows):
+            word = rng.choice(words) + rng.choice(words)
+            handle.write(
+                json.dumps(
+                    {"instruction": "Repeat the word twice.", "input": word, "output": f"{word} {word}"}
+                )
+                + "\n"
+            )
+    return path

@@ -1,0 +1,153 @@
+"""Training checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
+
+A checkpoint is a directory ``checkpoints/step-000120/`` holding the adapter in PEFT format, the optimizer
+state as safetensors (tensors) + JSON (hyper-parameters), and ``trainer_state.json`` (step, data position,
+scheduler, RNG states, metrics so far). It is written into a temporary directory and renamed into place, so a
+run killed at any moment leaves either the previous checkpoint or the new one, never half of one. Nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lorakit.errors import AdapterFileError
+from lorakit.inject import adapter_state_dict
+from lorakit.io import atomic_save_safetensors, read_adapter_weights, save_adapter
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+RNG_TENSORS = "rng.safetensors"
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch (CPU and CUDA) and Python RNG states, as tensors and JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    adapter_name: str = "default",
+) -> Path:
+    """Write a checkpoint atomically into ``directory`` (replacing an older one of the same name).
+
+    Args:
+        directory (str | PathLike): Final checkpoint directory, e.g. ``out/checkpoints/step-000120``.
+        model (nn.Module): The wrapped model.
+        optimizer (Optimizer): Its optimizer.
+        state (dict): JSON-serializable trainer state (step, data position, scheduler state, metrics).
+        adapter_name (str): The adapter being trained.
+
+    Returns:
+        Path: ``directory``.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp, adapter_name)
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    atomic_save_safetensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
+    rng_tensors, rng_meta = rng_state()
+    atomic_save_safetensors(rng_tensors, tmp / RNG_TENSORS)
+    payload = {**state, "optimizer": opt_meta, "rng": rng_meta}
+    (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1))
+    old = directory.with_name(f".old-{directory.name}")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    adapter_name: str = "default",
+) -> dict[str, Any]:
+    """Restore adapter weights, optimizer state and RNG states; return the trainer state dict.
+
+    Raises:
+        AdapterFileError: The directory is not a complete checkpoint.
+    """
+    directory = Path(directory)
+    for name in (STATE_NAME, OPTIMIZER_TENSORS, RNG_TENSORS):
+        if not (directory / name).is_file():
+            raise AdapterFileError(f"{directory} is not a lorakit checkpoint: {name} is missing")
+    state = json.loads((directory / STATE_NAME).read_text())
+    weights = read_adapter_weights(directory)
+    targets = adapter_state_dict(model, adapter_name)
+    if set(weights) != set(targets):
+        raise AdapterFileError(f"{directory}: the checkpoint's adapter does not match this recipe's adapter")
+    with torch.no_grad():
+        for key, value in weights.items():
+            targets[key].copy_(value)
+    optimizer.load_state_dict(
+        _optimizer_from_files(load_file(directory / OPTIMIZER_TENSORS), state["optimizer"])
+    )
+    set_rng_state(load_file(directory / RNG_TENSORS), state["rng"])
+    return state
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root`` (``step-*`` directories), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints."""
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

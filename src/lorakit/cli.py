@@ -1,0 +1,327 @@
+"""The ``lorakit`` command line: one explicit table of subcommands.
+
+Every subcommand validates its input at the boundary; a :class:`~lorakit.errors.LorakitError` is printed as
+one clear line (``error: ...``) with exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EPILOG_TRAIN = """examples:
+  lorakit train                                  # the bundled quickstart (QLoRA on a tiny model, offline)
+  lorakit train recipes/qlora_alpaca.yaml model.path=/models/llama data.path=my.jsonl
+  lorakit train my.yaml train.lr=1e-4 adapter.r=32 --dry-run
+  lorakit train my.yaml --resume                 # continue from the newest checkpoint in output_dir
+"""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune an adapter from a YAML recipe",
+        description="Fine-tune an adapter from a YAML recipe (sections model, adapter, data, train, output_dir). "
+        "With no recipe, runs the bundled quickstart.",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "recipe", nargs="?", help="recipe YAML file, or a name under recipes/ (default: quickstart)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=2e-4")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe as YAML and exit")
+    p.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT_DIR",
+        help="continue a run: from CHECKPOINT_DIR, or from the newest checkpoint in output_dir",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)"
+    )
+    return p
+
+
+def _split_recipe_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:
+        overrides.insert(0, recipe)  # `lorakit train train.lr=1e-3`: the quickstart with an override
+        recipe = None
+    return recipe, overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.recipe import load_recipe
+
+    recipe_path, overrides = _split_recipe_args(args)
+    recipe = load_recipe(recipe_path, overrides)
+    if args.dry_run:
+        print(recipe.to_yaml(), end="")
+        return 0
+    from lorakit.train import train
+
+    result = train(recipe, resume=args.resume, progress=not args.no_progress)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    print(f"\nadapter, tokenizer, recipe, metrics and loss curve written to {result.output_dir}")
+    print(
+        f"steps: {result.steps}  final train loss: {result.final_train_loss:.4f}  time: {result.seconds:.0f} s"
+    )
+    if result.eval_loss is not None:
+        print(f"eval loss: {result.eval_loss:.4f}  best: {result.best_eval_loss:.4f}")
+    if result.before and result.after:
+        before, after = result.before, result.after
+        print("\n                 base model   fine-tuned")
+        if before.get("eval_loss") is not None and after.get("eval_loss") is not None:
+            print(f"eval loss        {before['eval_loss']:10.4f}   {after['eval_loss']:10.4f}")
+        print(
+            f"exact match      {before['exact_match']:10.1%}   {after['exact_match']:10.1%}   (n={after['n']})"
+        )
+        print("\nheld-out examples (input | expected | base model | fine-tuned):")
+        for b, a in list(zip(before["answers"], after["answers"]))[:6]:
+            query = a["input"] or a["instruction"]
+            print(f"  {query[:40]!r:44} {a['expected'][:24]!r:28} {b['got'][:24]!r:28} {a['got'][:24]!r}")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "generate",
+        help="generate text with a base model and an adapter",
+        description="Generate text from a local base model, optionally with one or more adapters.",
+    )
+    p.add_argument("prompts", nargs="+", help="prompt(s); each is wrapped in --template")
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat to combine)")
+    p.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca", help="prompt template")
+    p.add_argument("--input", default="", help="alpaca 'input' field for the prompt(s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature and top-p)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument(
+        "--quantize", choices=["nf4", "fp4", "none"], default=None,
+        help="load the base in 4 bits (default: as the adapter's recipe.yaml says, else none)",
+    )  # fmt: skip
+    return p
+
+
+def _base_quantize(choice: str | None, adapters: list[str]) -> str | None:
+    """The quantization the adapter was trained with (from its recipe.yaml) unless given explicitly."""
+    if choice is not None:
+        return None if choice == "none" else choice
+    import yaml
+
+    for adapter in adapters:
+        recipe = Path(adapter) / "recipe.yaml"
+        if recipe.is_file():
+            return (yaml.safe_load(recipe.read_text()) or {}).get("model", {}).get("quantize")
+    return None
+
+
+def _load_for_inference(model_dir: str, adapters: list[str], quantize: str | None):
+    import torch
+    from transformers import AutoTokenizer
+
+    import lorakit
+    from lorakit.loading import load_model
+
+    compute = torch.bfloat16 if quantize else torch.float32
+    model = load_model(model_dir, quantize=quantize, compute_dtype=compute)
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapters[0] if adapters and _has_tokenizer(adapters[0]) else model_dir
+    )
+    names = []
+    for i, adapter in enumerate(adapters):
+        name = f"adapter_{i}"
+        lorakit.load_adapter(model, adapter, adapter_name=name, activate=False)
+        names.append(name)
+    if names:
+        lorakit.set_adapter(model, names)
+    return model, tokenizer
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return (Path(directory) / "tokenizer_config.json").is_file()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
+    from lorakit.generate import SamplingConfig, generate_text, render_prompt
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    if not args.greedy and (args.temperature <= 0 or not 0 < args.top_p <= 1):
+        raise ConfigError("--temperature must be > 0 and --top-p in (0, 1] (or pass --greedy)")
+    model, tokenizer = _load_for_inference(
+        args.model, args.adapter, _base_quantize(args.quantize, args.adapter)
+    )
+    prompts = [render_prompt(p, args.template, tokenizer, args.input) for p in args.prompts]
+    sampling = SamplingConfig(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
+    for prompt, answer in zip(args.prompts, generate_text(model, tokenizer, prompts, sampling)):
+        if len(args.prompts) > 1:
+            print(f"### {prompt}")
+        print(answer)
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "merge",
+        help="merge adapters into the base and save a plain Hugging Face model",
+        description="Merge adapters into the base model and write a plain Hugging Face model directory that "
+        "transformers loads without lorakit. A 4-bit base is dequantized once and merged exactly: the result "
+        "equals the dequantized base the adapter was trained on, plus the adapter.",
+    )
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument(
+        "--adapter", action="append", required=True, help="adapter directory (repeat to merge several)"
+    )
+    p.add_argument("--out", required=True, help="output directory (must not exist, unless --overwrite)")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="saved dtype"
+    )
+    p.add_argument(
+        "--quantize", choices=["nf4", "fp4", "none"], default=None,
+        help="the base as trained (default: from the adapter's recipe.yaml, else none)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return p
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    import lorakit
+    from lorakit.errors import ConfigError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(
+            f"--out {out} already exists and is not empty; pass --overwrite or choose another path"
+        )
+    model, tokenizer = _load_for_inference(
+        args.model, args.adapter, _base_quantize(args.quantize, args.adapter)
+    )
+    merged = lorakit.merge_and_unload(model).to(getattr(torch, args.dtype))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"merged model written to {out} ({args.dtype})")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "inspect",
+        help="show what an adapter, checkpoint or run directory holds",
+        description="Show an adapter's config, tensors, ranks and size; a checkpoint's step and metrics.",
+    )
+    p.add_argument("path", help="adapter, checkpoint or run output directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return p
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lorakit.inspect import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for key, value in info.items():
+            print(f"{key:18} {value}")
+    return 0
+
+
+def _add_preprocess(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "preprocess",
+        help="tokenize a recipe's data (and show decoded samples with their label mask)",
+        description="Tokenize the recipe's data as training would (filling the cache when data.cache_dir is "
+        "set) and print statistics; with --debug, print decoded samples with masked (no-loss) spans marked.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (default: quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--debug", action="store_true", help="print decoded samples with their label mask")
+    p.add_argument("-n", "--num-samples", type=int, default=3, help="samples shown with --debug (default 3)")
+    return p
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from lorakit.data import load_dataset, render_masked_sample
+    from lorakit.recipe import load_recipe
+
+    recipe_path, overrides = _split_recipe_args(args)
+    recipe = load_recipe(recipe_path, overrides)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, local_files_only=True)
+    train_set, _, stats = load_dataset(recipe.data, tokenizer)
+    print(stats.summary())
+    if args.debug:
+        for i in range(min(args.num_samples, len(train_set))):
+            print(f"\n--- sample {i} ---")
+            print(render_masked_sample(tokenizer, train_set[i]))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "train": (_add_train, cmd_train),
+    "generate": (_add_generate, cmd_generate),
+    "merge": (_add_merge, cmd_merge),
+    "inspect": (_add_inspect, cmd_inspect),
+    "preprocess": (_add_preprocess, cmd_preprocess),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lorakit`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="lorakit: LoRA / QLoRA fine-tuning from a 4-bit base to a served adapter. "
+        "Run 'lorakit train' for the offline quickstart.",
+    )
+    from lorakit import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", help="run 'lorakit COMMAND --help' for its options"
+    )
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lorakit`` console script."""
+    from lorakit.errors import LorakitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command][1](args)
+    except LorakitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

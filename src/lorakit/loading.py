@@ -1,0 +1,267 @@
+"""Load a local Hugging Face model directory, quantizing every Linear to 4 bits as its weight streams in.
+
+The model is built on the meta device (no memory), then the safetensors files are read tensor by tensor
+with plain file reads (no memory map, whose touched pages would count toward the process's RSS). Each Linear
+weight is quantized as soon as it arrives and its full-precision copy is dropped, so the peak is the 4-bit
+model plus about one full-precision tensor, never the whole full-precision model. Embeddings, the output
+head and norms stay in the compute dtype unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory (sharded or not), in index order.
+
+    Raises:
+        AdapterFileError: No safetensors weights, or a shard named by the index is missing.
+    """
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise AdapterFileError(f"{index} is not a valid safetensors index: {err}") from None
+        files = [path / name for name in names]
+        for file in files:
+            if not file.is_file():
+                raise AdapterFileError(f"{file} is missing: {index.name} names it as a shard of this model")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    hint = (
+        " (pickled .bin weights are never loaded: convert them to safetensors)"
+        if any(path.glob("*.bin"))
+        else ""
+    )
+    raise AdapterFileError(f"{path} holds no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def stream_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from a safetensors file one tensor at a time, with plain reads.
+
+    Raises:
+        AdapterFileError: The file is truncated or its header is not valid.
+    """
+    file = Path(file)
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise AdapterFileError(f"{file} is not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AdapterFileError(f"{file} has a corrupt safetensors header: {err}") from None
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, stop = info["data_offsets"]
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise AdapterFileError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            buffer = bytearray(stop - start)
+            handle.seek(base + start)
+            if handle.readinto(buffer) != len(buffer):
+                raise AdapterFileError(f"{file} is truncated: tensor {name!r} is incomplete")
+            tensor = (
+                torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+            )
+            yield name, tensor.view(dtype).reshape(info["shape"])
+
+
+def _quantizable(model: nn.Module, keep: set[str]) -> set[str]:
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    paths = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+            leaf = name.rsplit(".", 1)[-1]
+            if name not in keep and leaf not in keep:
+                paths.add(name)
+    return paths
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _materialize_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers not stored in checkpoints (rotary ``inv_freq``, position ids) are recomputed by the model's
+    own ``_init_weights`` (as transformers does after a meta-device load); parameters are left untouched."""
+    owners = {}
+    for module_path, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+                owners[module_path] = module
+    init = getattr(model, "_init_weights", None)
+    for module in owners.values():
+        saved = dict(module._parameters)
+        if callable(init):
+            with torch.no_grad():
+                init(module)
+        module._parameters.update(saved)
+
+
+def load_model(
+    path: str | os.PathLike,
+    quantize: str | None = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    blocksize: int = 64,
+    keep_modules: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    model_class: type | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a local Hugging Face model directory, streaming its weights and quantizing Linears to 4 bits.
+
+    Args:
+        path (str | PathLike): Directory with ``config.json`` and ``*.safetensors`` (sharded or not).
+        quantize (str | None): ``"nf4"`` (default), ``"fp4"``, or ``None`` to load in ``compute_dtype``.
+        double_quant (bool): Quantize the block scales too (4.127 bits/param). Default True.
+        compute_dtype (torch.dtype): Dtype of non-quantized weights and of 4-bit matmuls. Default bfloat16.
+        blocksize (int): 4-bit block size. Default 64.
+        keep_modules (list[str] | None): Linear module names (or paths) kept in ``compute_dtype``; the output
+            head is always kept.
+        device (str | torch.device): Where the weights go. Default ``"cpu"``.
+        model_class (type | None): A transformers auto class or model class; default AutoModelForCausalLM.
+        trust_remote_code (bool): Allow the checkpoint's own model code. Default False.
+
+    Returns:
+        nn.Module: The model in eval mode, all parameters frozen.
+
+    Raises:
+        AdapterFileError: Missing config, missing shard, or corrupt files.
+        QuantizationError: A weight has NaN/Inf or cannot be quantized (names the tensor).
+        ConfigError: An unknown ``quantize`` value or missing weights for the model's parameters.
+    """
+    if quantize not in (None, "nf4", "fp4"):
+        raise ConfigError(f"quantize: expected 'nf4', 'fp4' or None, got {quantize!r}")
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AdapterFileError(f"{path / 'config.json'} not found: expected a Hugging Face model directory")
+    files = weight_files(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    cls = model_class or AutoModelForCausalLM
+    device = torch.device(device)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):  # an auto class
+            model = cls.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config, dtype=compute_dtype)
+    targets = _quantizable(model, set(keep_modules or [])) if quantize else set()
+    expected = set(model.state_dict().keys())
+    prefix = f"{model.base_model_prefix}."
+    pending_bias: dict[str, torch.Tensor] = {}
+    loaded = set()
+    for file in files:
+        for name, tensor in stream_safetensors(file):
+            key = name if name in expected else prefix + name if prefix + name in expected else None
+            if key is None:
+                continue  # checkpoint extras (e.g. old rotary buffers) that the model does not use
+            module_path, _, leaf = key.rpartition(".")
+            if module_path in targets:
+                if leaf == "weight":
+                    _quantize_into(model, module_path, tensor, pending_bias.pop(module_path, None), quantize,
+                                   double_quant, compute_dtype, blocksize, device, key)  # fmt: skip
+                elif model.get_submodule(module_path).bias.is_meta:  # the weight has not arrived yet
+                    pending_bias[module_path] = tensor.to(device=device, dtype=compute_dtype)
+                else:  # the weight came first (zero bias placeholder): overwrite it
+                    model.get_submodule(module_path).bias.data.copy_(tensor)
+            else:
+                dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
+                _set_tensor(model, key, tensor.to(device=device, dtype=dtype).clone())
+            loaded.add(key)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    persistent = dict(model.named_parameters())
+    persistent.update((k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in persistent)
+    missing = sorted(k for k, v in persistent.items() if v.is_meta)
+    if missing:
+        raise ConfigError(
+            f"{path}: the checkpoint has no tensor for {missing[0]!r} ({len(missing)} missing in all)"
+        )
+    _materialize_non_persistent_buffers(model, device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _quantize_into(
+    model: nn.Module,
+    module_path: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    blocksize: int,
+    device: torch.device,
+    key: str,
+) -> None:
+    from lorakit.quant import Linear4bit
+
+    meta = model.get_submodule(module_path)
+    if not weight.is_floating_point():
+        raise QuantizationError(f"{key}: cannot quantize a {weight.dtype} tensor to 4 bits")
+    if isinstance(meta, Conv1D):
+        weight = (
+            weight.T
+        )  # GPT-2 Conv1D stores W^T [in, out]; the 4-bit layer is an ordinary [out, in] linear
+    out_features, in_features = weight.shape
+    has_bias = meta.bias is not None
+    linear = nn.Linear(in_features, out_features, bias=has_bias, device="meta")
+    linear.weight = nn.Parameter(weight.to(device), requires_grad=False)  # one full-precision layer, briefly
+    if has_bias:
+        # A bias stored after its weight arrives later and overwrites this zero placeholder.
+        placeholder = (
+            bias if bias is not None else torch.zeros(out_features, device=device, dtype=compute_dtype)
+        )
+        linear.bias = nn.Parameter(placeholder, requires_grad=False)
+    try:
+        quantized = Linear4bit.from_linear(
+            linear,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+        )
+    except QuantizationError as err:
+        raise QuantizationError(f"{key}: {err}") from None
+    _set_module(model, module_path, quantized)
+
+
+__all__ = ["DTYPE_NAMES", "load_model", "stream_safetensors", "weight_files"]

@@ -1,0 +1,83 @@
+"""The causal-LM loss, summed over target tokens, without materializing the full fp32 logits.
+
+transformers computes ``[batch, seq, vocab]`` logits and then the mean cross-entropy; with a 128k vocabulary
+that tensor (and its fp32 copy and gradient) dominates training memory. Here the decoder's hidden states are
+gathered at target positions only (prompt and padding tokens are dropped *before* the output projection),
+and the projection + cross-entropy run a chunk of tokens at a time under activation checkpointing, so at most
+one chunk of logits is alive in forward and in backward (torchtune's ``LinearCrossEntropyLoss`` idea).
+
+The loss is returned as a *sum* with the number of target tokens, so gradient accumulation can normalize by
+the total target count of all accumulated micro-batches (the large-batch loss; transformers PR #34191).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_TOKENS = 1024
+
+
+def _supports_hidden_path(model: nn.Module) -> bool:
+    """The output head is a plain projection: no logit soft-capping or scaling after it."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "get_output_embeddings", None)):
+        return False
+    if model.get_output_embeddings() is None:
+        return False
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return False
+    return getattr(config, "model_type", "") not in ("gemma2", "gemma3", "cohere", "cohere2", "granite")
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def _head_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()  # [n, vocab] in fp32 for a stable log-softmax
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True, chunk_tokens: int = CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens, and their count.
+
+    Args:
+        model (nn.Module): A Hugging Face causal LM (possibly wrapped with adapters).
+        batch (dict[str, Tensor]): ``input_ids`` [B, T], ``labels`` [B, T] (-100 = no loss), optional
+            ``attention_mask`` ([B, T] or a 4-D packed mask) and ``position_ids`` [B, T].
+        chunked (bool): Use the memory-lean path when the head allows it. Default True.
+        chunk_tokens (int): Target tokens per projection chunk. Default 1024.
+
+    Returns:
+        tuple[Tensor, int]: The fp32 loss sum (a scalar with grad) and the number of target tokens.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # [B, T-1]: token t+1 is the target of position t
+    mask = targets != IGNORE_INDEX
+    count = int(mask.sum())
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs["use_cache"] = False  # no KV cache in training (packed rows are detected from position resets)
+    if not chunked or not _supports_hidden_path(model):
+        logits = model(**inputs).logits[:, :-1]  # [B, T-1, V]
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss, count
+    hidden = _decoder(model)(**inputs).last_hidden_state[:, :-1]  # [B, T-1, H]
+    hidden, flat_targets = hidden[mask], targets[mask]  # [N, H], [N]
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_tokens):
+        stop = min(start + chunk_tokens, count)
+        # Recompute the chunk's logits in backward instead of keeping them: one chunk alive at a time.
+        total = total + checkpoint(
+            _head_ce_sum, hidden[start:stop], flat_targets[start:stop], head, use_reentrant=False
+        )
+    return total, count

@@ -1,0 +1,386 @@
+"""A training recipe: one YAML file with sections ``model``, ``adapter``, ``data``, ``train`` and ``output_dir``.
+
+The YAML is the serialized :class:`Recipe` dataclass. ``key=value`` overrides with dotted keys
+(``train.lr=2e-4 adapter.r=32``) change any field; an unknown key is an error that suggests the closest valid
+one. Each section validates itself in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import LoraConfig
+from lorakit.data import DataConfig
+from lorakit.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).parent
+QUICKSTART_DIR = PACKAGE_DIR / "quickstart"
+BUNDLED_PREFIX = "@quickstart/"  # paths starting with this resolve inside the installed package
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+METHODS = ("lora", "dora", "adalora", "qrlora")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("bf16", "fp16", "fp32")
+QUANTIZE = (None, "nf4", "fp4")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _fail(section: str, name: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{section}.{name}: expected {expected}, got {got!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_path(value: str | Path) -> str:
+    """Expand ``@quickstart/...`` to the bundled assets; leave other paths as given."""
+    text = str(value)
+    return str(QUICKSTART_DIR / text[len(BUNDLED_PREFIX) :]) if text.startswith(BUNDLED_PREFIX) else text
+
+
+@dataclass
+class ModelSection:
+    """The base model.
+
+    Args:
+        path (str): A local Hugging Face model directory (config.json + safetensors + tokenizer), or
+            ``@quickstart/model`` for the bundled model.
+        quantize (str | None): ``"nf4"`` (QLoRA, default), ``"fp4"``, or ``None`` (compute dtype).
+        double_quant (bool): Quantize the 4-bit scales again (4.127 instead of 4.5 bits/param). Default True.
+        blocksize (int): Elements per 4-bit block. Default 64.
+        compute_dtype (str): ``"bfloat16"`` (default), ``"float16"`` or ``"float32"``.
+        gradient_checkpointing (bool): Recompute decoder layers in backward to save memory. Default False.
+        trust_remote_code (bool): Allow model code shipped with the checkpoint. Default False.
+    """
+
+    path: str = BUNDLED_PREFIX + "model"
+    quantize: str | None = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise _fail("model", "path", "a model directory", self.path)
+        if self.quantize not in QUANTIZE:
+            raise _fail("model", "quantize", "nf4, fp4 or null", self.quantize)
+        if self.compute_dtype not in DTYPES:
+            raise _fail("model", "compute_dtype", f"one of {', '.join(DTYPES)}", self.compute_dtype)
+        if not _is_int(self.blocksize) or self.blocksize < 32 or self.blocksize & (self.blocksize - 1):
+            raise _fail("model", "blocksize", "a power of two from 32 to 4096", self.blocksize)
+        for name in ("double_quant", "gradient_checkpointing", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail("model", name, "true or false", getattr(self, name))
+
+
+@dataclass
+class AdapterSection:
+    """The adapter: a method plus :class:`~lorakit.LoraConfig`'s fields (same names and meanings).
+
+    Args:
+        method (str): ``"lora"`` (default), ``"dora"``, ``"adalora"`` or ``"qrlora"``.
+        stack_on (list[str]): Adapter directories loaded frozen under the new one (continual learning).
+        Other fields: see :class:`~lorakit.LoraConfig`.
+    """
+
+    method: str = "lora"
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str | None = "all"
+    exclude_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    stack_on: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise _fail("adapter", "method", f"one of {', '.join(METHODS)}", self.method)
+        try:
+            self.lora_config()
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("LoraConfig.", "adapter.")) from None
+
+    def lora_config(self) -> LoraConfig:
+        """The :class:`~lorakit.LoraConfig` this section describes."""
+        names = {f.name for f in dataclasses.fields(LoraConfig)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        return LoraConfig(**values)
+
+
+@dataclass
+class TrainSection:
+    """The training loop.
+
+    Args:
+        epochs (float): Passes over the training data. Default 3.
+        max_steps (int | None): Stop after this many optimizer steps (overrides ``epochs``).
+        batch_size (int): Samples (or packed rows) per micro-batch. Default 4.
+        grad_accum (int): Micro-batches per optimizer step. Default 4.
+        lr (float): Peak learning rate. Default 2e-4.
+        weight_decay (float): AdamW decoupled weight decay. Default 0.
+        warmup_ratio (float): Warmup as a fraction of all steps. Default 0.03.
+        warmup_steps (int | None): Warmup in steps (overrides ``warmup_ratio``).
+        scheduler (str): After warmup: ``"cosine"`` (default, to 0), ``"linear"`` (to 0) or ``"constant"``.
+        max_grad_norm (float | None): Clip the global gradient norm. Default 1.0; None disables.
+        optimizer (str): ``"adamw"`` (default), ``"adamw_8bit"``, ``"paged_adamw"``, ``"paged_adamw_8bit"``.
+        loraplus_ratio (float | None): LoRA+: B matrices train at ``ratio x lr``.
+        precision (str): ``"bf16"`` autocast (default), ``"fp16"`` with loss scaling (CUDA), ``"fp32"``.
+        seed (int): Seeds model init, data order and dropout; a fixed seed gives identical runs. Default 42.
+        eval_every (int | None): Evaluate every N steps; None evaluates at each epoch end.
+        save_every (int | None): Checkpoint every N steps (always at each epoch end and at the end).
+        keep_last (int): Checkpoints kept. Default 2.
+        early_stopping_patience (int | None): Stop after this many evaluations without improvement.
+        log_every (int): Steps between metric lines. Default 1.
+        tensorboard (bool): Also log to TensorBoard (needs the tensorboard package). Default False.
+        eval_generate (int): Validation rows answered greedily before and after training to report exact
+            match (alpaca data). Default 0 (off).
+        max_new_tokens (int): Longest generated answer in that report. Default 64.
+        chunked_loss (bool): Compute the loss over target tokens only, a chunk at a time, never
+            materializing the full fp32 logits. Default True.
+    """
+
+    epochs: float = 3
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    scheduler: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    loraplus_ratio: float | None = None
+    precision: str = "bf16"
+    seed: int = 42
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    early_stopping_patience: int | None = None
+    log_every: int = 1
+    tensorboard: bool = False
+    eval_generate: int = 0
+    max_new_tokens: int = 64
+    chunked_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.epochs) or self.epochs <= 0:
+            raise _fail("train", "epochs", "a number > 0", self.epochs)
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "max_new_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise _fail("train", name, "an integer >= 1", getattr(self, name))
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < (0 if name == "warmup_steps" else 1)):
+                raise _fail("train", name, "a positive integer or null", value)
+        if not _is_int(self.eval_generate) or self.eval_generate < 0:
+            raise _fail("train", "eval_generate", "an integer >= 0", self.eval_generate)
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise _fail("train", "lr", "a number > 0", self.lr)
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise _fail("train", "weight_decay", "a number >= 0", self.weight_decay)
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise _fail("train", "warmup_ratio", "a number in [0, 1)", self.warmup_ratio)
+        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
+            raise _fail("train", "max_grad_norm", "a number > 0 or null", self.max_grad_norm)
+        if self.loraplus_ratio is not None and (
+            not _is_number(self.loraplus_ratio) or self.loraplus_ratio < 1
+        ):
+            raise _fail("train", "loraplus_ratio", "a number >= 1 or null", self.loraplus_ratio)
+        for name, choices in (
+            ("scheduler", SCHEDULERS),
+            ("optimizer", OPTIMIZERS),
+            ("precision", PRECISIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise _fail("train", name, f"one of {', '.join(choices)}", getattr(self, name))
+        if not _is_int(self.seed):
+            raise _fail("train", "seed", "an integer", self.seed)
+        for name in ("tensorboard", "chunked_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail("train", name, "true or false", getattr(self, name))
+
+
+@dataclass
+class Recipe:
+    """A whole training run. ``output_dir`` receives the adapter, tokenizer, resolved recipe and metrics."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path=BUNDLED_PREFIX + "data/train.jsonl"))
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str = "runs/quickstart"
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what ``recipe.yaml`` holds)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (sections in the order model, adapter, data, train)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataConfig, "train": TrainSection}
+_TOP_LEVEL = {"output_dir", "overwrite", *_SECTIONS}
+
+
+# Names users reach for that are spelled differently here.
+_ALIASES = {
+    "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "learning_rate": "lr",
+    "num_epochs": "epochs", "gradient_accumulation_steps": "grad_accum", "micro_batch_size": "batch_size",
+    "lr_scheduler": "scheduler", "max_seq_len": "max_length", "seq_len": "max_length", "load_in_4bit": "quantize",
+}  # fmt: skip
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    if _ALIASES.get(key) in choices:
+        return f"; did you mean {_ALIASES[key]!r}?"
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _coerce_numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``2e-4`` as a string; turn such strings into numbers for numeric fields."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and ("float" in types.get(name, "") or "int" in types.get(name, "")):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            out[name] = int(number) if number.is_integer() and "float" not in types[name] else number
+    return out
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build and validate a :class:`Recipe` from nested plain data.
+
+    Raises:
+        ConfigError: An unknown key (with the closest valid one), or an invalid value (field, expected, got).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, sorted(_TOP_LEVEL))}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = data.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in valid:
+                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(key, valid)}")
+        values = _coerce_numbers(cls, values)
+        if name == "data":
+            values = {"path": BUNDLED_PREFIX + "data/train.jsonl", **values}
+            for key in ("path", "val_path"):
+                if values.get(key) is not None:
+                    values[key] = resolve_path(values[key])
+        if name == "model":
+            values = {"path": BUNDLED_PREFIX + "model", **values}
+            values["path"] = resolve_path(values["path"])
+        try:
+            sections[name] = cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    output_dir = data.get("output_dir", "runs/quickstart")
+    overwrite = data.get("overwrite", False)
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"{source}: output_dir: expected a directory path, got {output_dir!r}")
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"{source}: overwrite: expected true or false, got {overwrite!r}")
+    return Recipe(output_dir=output_dir, overwrite=overwrite, **sections)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to nested plain data; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: An override without ``=`` or with an unknown key (with the closest valid one).
+    """
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=2e-4")
+        value = yaml.safe_load(raw) if raw != "" else None
+        parts = key.split(".")
+        if len(parts) == 1:
+            if key not in _TOP_LEVEL or key in _SECTIONS:
+                raise ConfigError(
+                    f"override {item!r}: unknown key {key!r}{_suggest(key, sorted(_TOP_LEVEL))}"
+                )
+            data[key] = value
+            continue
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(
+                f"override {item!r}: expected section.key with section one of {', '.join(_SECTIONS)}"
+                + (_suggest(parts[0], list(_SECTIONS)) if parts[0] not in _SECTIONS else "")
+            )
+        section, name = parts
+        valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if name not in valid:
+            raise ConfigError(f"override {item!r}: unknown key '{section}.{name}'{_suggest(name, valid)}")
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), name: value}
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML file (None: the bundled quickstart) and apply dotted overrides.
+
+    Raises:
+        ConfigError: Missing or unreadable file, invalid YAML, unknown keys or invalid values.
+    """
+    source = "quickstart recipe"
+    data: dict[str, Any] = {}
+    if path is None and (QUICKSTART_DIR / "recipe.yaml").is_file():
+        data = yaml.safe_load((QUICKSTART_DIR / "recipe.yaml").read_text()) or {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            bundled = RECIPES_DIR / f"{path}.yaml"
+            if bundled.is_file():
+                file = bundled
+            else:
+                raise ConfigError(f"recipe file {path} not found")
+        source = str(file)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: invalid YAML: {err}") from None
+    return recipe_from_dict(apply_overrides(data, overrides or []), source=source)
