@@ -182,3 +182,12 @@ def _recipe_cli(root: Path) -> list[str]:
         "train.batch_size=4", "train.grad_accum=2", "train.lr=5e-3", "train.precision=fp32", "train.warmup_steps=2",
         f"output_dir={root / 'out'}",
     ]  # fmt: skip
+
+
+def test_tensorboard_logging(workspace, tmp_path):
+    out = tmp_path / "run"
+    train(
+        tiny_recipe(workspace, f"output_dir={out}", "train.max_steps=2", "train.tensorboard=true"),
+        progress=False,
+    )
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -28,6 +28,7 @@ from lorakit.inject import (
     delete_adapter,
     disable_adapters,
     merge,
+    merge_and_requantize,
     merge_and_unload,
     print_trainable_parameters,
     set_adapter,
@@ -37,6 +38,7 @@ from lorakit.inject import (
     wrap,
 )
 from lorakit.io import load_adapter, save_adapter
+from lorakit.loading import load_model, prepare_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -53,8 +55,11 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "load_adapter",
+    "load_model",
     "merge",
+    "merge_and_requantize",
     "merge_and_unload",
+    "prepare_for_kbit_training",
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",

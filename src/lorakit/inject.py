@@ -8,7 +8,9 @@ model as ``model.lorakit_configs`` (name -> :class:`LoraConfig`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -213,6 +215,7 @@ def wrap(
         module.lora_A[adapter_name].requires_grad_(first)
         module.lora_B[adapter_name].requires_grad_(first)
     _wrap_modules_to_save(model, config, adapter_name, trainable=first)
+    _install_adapter_names_hook(model)
     configs[adapter_name] = config
     if first:
         set_adapter(model, adapter_name)
@@ -300,6 +303,84 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             module.adapters_disabled = state
 
 
+BASE = "__base__"
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]:
+    """Inside the block, row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
+
+    ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` do the same for one
+    call. Each layer computes every row's adapter output at once with gathered low-rank products.
+
+    Raises:
+        ConfigError: A name is neither an adapter of the model nor ``"__base__"``, or adapters are merged.
+    """
+    configs = adapter_configs(model)
+    unknown = sorted({n for n in adapter_names if n != BASE and n not in configs})
+    if unknown:
+        raise ConfigError(
+            f"adapter_names: unknown adapter(s) {unknown}; present: {sorted(configs)} or '{BASE}'"
+        )
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise ConfigError(
+            "adapter_names: unmerge the adapters first (lorakit.unmerge): a merged batch cannot mix"
+        )
+    previous = [layer.row_adapters for layer in layers]
+    for layer in layers:
+        layer.row_adapters = list(adapter_names)
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.row_adapters = state
+
+
+def _install_adapter_names_hook(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` select an adapter per row (the kwarg never reaches the model)."""
+    if model.__dict__.get("_lorakit_names_hook") is not None:
+        return
+
+    def pre_hook(module, args, kwargs):
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:
+            context = batch_adapters(module, list(names))
+            context.__enter__()
+            module.__dict__["_lorakit_batch_context"] = context
+        return args, kwargs
+
+    def post_hook(module, args, kwargs, output):
+        context = module.__dict__.pop("_lorakit_batch_context", None)
+        if context is not None:
+            context.__exit__(None, None, None)
+        return output
+
+    model.__dict__["_lorakit_names_hook"] = (
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        model.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
+    )
+    original = getattr(model, "generate", None)
+    if callable(original):
+        # transformers' generate validates its kwargs against forward's signature, so adapter_names is taken
+        # here, on this model instance only (tests pin it; lorakit.batch_adapters is the explicit form).
+        @functools.wraps(original)
+        def generate(*args, adapter_names: list[str] | None = None, **kwargs):
+            if adapter_names is None:
+                return original(*args, **kwargs)
+            with batch_adapters(model, list(adapter_names)):
+                return original(*args, **kwargs)
+
+        model.generate = generate
+
+
+def _remove_adapter_names_hook(model: nn.Module) -> None:
+    handles = model.__dict__.pop("_lorakit_names_hook", None)
+    for handle in handles or ():
+        handle.remove()
+    model.__dict__.pop("generate", None)
+
+
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter ``adapter_name`` from every layer and free its memory."""
     configs = adapter_configs(model)
@@ -337,6 +418,39 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
         _set_submodule(model, path, layer.merged_base_layer(names))
     _unwrap_modules_to_save(model, keep=names[0] if names else None)
     adapter_configs(model).clear()
+    _remove_adapter_names_hook(model)
+    return model
+
+
+def merge_and_requantize(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge adapters into a 4-bit base and quantize the merged weights to 4 bits again (PEFT's behaviour).
+
+    The result is small, but re-quantizing rounds the merged weight: its outputs differ from base + adapter
+    (a warning says so). For an exact merged model use :func:`merge_and_unload`, which keeps the merged
+    weights in the compute dtype. Layers whose base is not quantized are merged as usual.
+    """
+    from lorakit.quant import Linear4bit
+
+    warnings.warn(
+        "re-quantizing merged weights to 4 bits rounds them: outputs will differ slightly from base + adapter; "
+        "use lorakit.merge_and_unload(model) for an exact bf16 merge",
+        UserWarning,
+        stacklevel=2,
+    )
+    names = adapter_names if adapter_names is not None else active_adapters(model)
+    for path, layer in list(lora_layers(model)):
+        layer.unmerge()
+        base = layer.base_layer
+        merged = layer.merged_base_layer(names)
+        if is_quantized(base):
+            merged = Linear4bit.from_linear(
+                merged, quant_type=base.quant_type, blocksize=base.blocksize, double_quant=base.double_quant,
+                compute_dtype=base.compute_dtype, name=path,
+            )  # fmt: skip
+        _set_submodule(model, path, merged)
+    _unwrap_modules_to_save(model, keep=names[0] if names else None)
+    adapter_configs(model).clear()
+    _remove_adapter_names_hook(model)
     return model
 
 
@@ -347,6 +461,7 @@ def unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, path, layer.base_layer)
     _unwrap_modules_to_save(model, keep=None)
     adapter_configs(model).clear()
+    _remove_adapter_names_hook(model)
     return model
 
 

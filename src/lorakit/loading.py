@@ -204,7 +204,9 @@ def load_model(
                     model.get_submodule(module_path).bias.data.copy_(tensor)
             else:
                 dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
-                _set_tensor(model, key, tensor.to(device=device, dtype=dtype).clone())
+                _set_tensor(
+                    model, key, tensor.to(device=device, dtype=dtype)
+                )  # shares the read buffer: no copy
             loaded.add(key)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
@@ -264,4 +266,50 @@ def _quantize_into(
     _set_module(model, module_path, quantized)
 
 
-__all__ = ["DTYPE_NAMES", "load_model", "stream_safetensors", "weight_files"]
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def prepare_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+    upcast_norms: bool | None = None,
+) -> nn.Module:
+    """Get a (4-bit) model ready for adapter training, in place.
+
+    1. Freezes every base parameter.
+    2. Norm weights to fp32 where it matters for stability: with fp16 weights (whose range is small); with
+       bf16, transformers' norms already compute in fp32 and an fp32 weight would turn their bf16 output
+       into fp32 activations for every later layer, so they stay bf16 unless ``upcast_norms=True``.
+       Unlike PEFT's version, embeddings and the output head stay in the compute dtype (no fp32 copies).
+    3. With gradient checkpointing: turns it on (non-reentrant by default, which needs no input gradients);
+       with ``use_reentrant=True`` the input embeddings are made to require grad so the recomputed
+       segments have a gradient path (the classic "element 0 of tensors does not require grad" error).
+
+    Args:
+        model (nn.Module): A Hugging Face model, e.g. from :func:`load_model`.
+        use_gradient_checkpointing (bool): Turn on gradient checkpointing. Default True.
+        gradient_checkpointing_kwargs (dict | None): Passed on; default ``{"use_reentrant": False}``.
+        upcast_norms (bool | None): Force (True) or skip (False) the fp32 norms; None decides by dtype.
+
+    Returns:
+        nn.Module: The same model.
+    """
+    model.requires_grad_(False)
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if upcast_norms is None:
+        upcast_norms = torch.float16 in floating
+    if upcast_norms:
+        for module in model.modules():
+            if _is_norm(module):
+                module.float()
+    if use_gradient_checkpointing and callable(getattr(model, "gradient_checkpointing_enable", None)):
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"] and callable(getattr(model, "enable_input_require_grads", None)):
+            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+__all__ = ["DTYPE_NAMES", "load_model", "prepare_for_kbit_training", "stream_safetensors", "weight_files"]

@@ -242,6 +242,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
             result.before["eval_loss"] = evaluate_loss(model, val_set, collator, train_cfg, device)
 
     metrics_file = open(out / METRICS_NAME, "a")  # noqa: SIM115 - closed in the finally below
+    board = _tensorboard(out) if train_cfg.tensorboard else None
     bar = tqdm(
         total=total_steps, initial=state["step"], disable=not progress, desc="train", dynamic_ncols=True
     )
@@ -292,6 +293,9 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
             if step % train_cfg.log_every == 0 or step == total_steps:
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
+                if board is not None:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        board.add_scalar(f"train/{key}", line[key], step)
             bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
 
@@ -309,6 +313,9 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
                 state["history"].append(record)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                if board is not None:
+                    board.add_scalar("eval/loss", eval_loss, step)
+                    board.add_scalar("eval/perplexity", record["eval_ppl"], step)
                 result.eval_loss = eval_loss
                 if state["best_eval"] is None or eval_loss < state["best_eval"]:
                     state["best_eval"], state["bad_evals"] = eval_loss, 0
@@ -333,6 +340,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     finally:
         bar.close()
         metrics_file.close()
+        if board is not None:
+            board.close()
 
     model.eval()
     save_adapter(model, out)
@@ -352,6 +361,17 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         )
     )
     return result
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer logging into ``out/tensorboard``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard (or set it to false)"
+        ) from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def _report_rows(recipe: Recipe) -> list[dict[str, str]]:

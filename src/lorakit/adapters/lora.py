@@ -57,6 +57,10 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        # Per-row adapter names for a mixed batch (set by lorakit.inject.batch_adapters), and the cache of
+        # stacked adapter weights that the gathered products read.
+        self.row_adapters: list[str] | None = None
+        self._stack_cache: tuple | None = None
         self.train(base_layer.training)  # a wrapper added to a model in eval mode stays in eval mode
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -115,6 +119,8 @@ class LoraLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return result + self._mixed_batch_delta(x).to(result.dtype)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
@@ -123,6 +129,50 @@ class LoraLinear(nn.Module):
             delta = lora_b(lora_a(x_adapter)) * self.scaling[name]  # [..., r] -> [..., out]
             result = result + delta.to(result.dtype)
         return result
+
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adapters ``names`` stacked (ranks zero-padded to the largest) plus one all-zero slot for the base:
+        A [n+1, r, in], B [n+1, out, r], scale [n+1]. Cached until a weight changes."""
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights))
+        if self._stack_cache is not None and self._stack_cache[0] == key and torch.is_grad_enabled() is False:
+            return self._stack_cache[1]
+        rank = max(a.shape[0] for a, _ in weights)
+        device, dtype = weights[0][0].device, weights[0][0].dtype
+        stack_a = torch.zeros(len(names) + 1, rank, self.in_features, device=device, dtype=dtype)
+        stack_b = torch.zeros(len(names) + 1, self.out_features, rank, device=device, dtype=dtype)
+        for i, (a, b) in enumerate(weights):
+            stack_a[i, : a.shape[0]] = a
+            stack_b[i, :, : b.shape[1]] = b
+        scale = torch.tensor([self.scaling[n] for n in names] + [0.0], device=device, dtype=dtype)
+        stacked = (stack_a, stack_b, scale)
+        if not torch.is_grad_enabled():
+            self._stack_cache = (key, stacked)
+        return stacked
+
+    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter output, for all rows at once (BGMV: gathered low-rank products).
+
+        ``x`` is ``[B, ..., in]`` with ``B == len(self.row_adapters)``; rows naming ``"__base__"`` (or an
+        adapter this layer does not have) get zero. No Python loop over rows or adapters.
+        """
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ValueError(
+                f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows; give one name per row"
+            )
+        names = tuple(sorted({n for n in rows if n in self.lora_A}))
+        if not names:
+            return torch.zeros((), device=x.device, dtype=x.dtype)
+        stack_a, stack_b, scale = self._stacked(names)
+        slot = {n: i for i, n in enumerate(names)}
+        index = torch.tensor([slot.get(n, len(names)) for n in rows], device=x.device)  # [B]
+        shape = x.shape
+        x3 = x.reshape(shape[0], -1, shape[-1]).to(stack_a.dtype)  # [B, T, in]
+        shrink = torch.bmm(x3, stack_a[index].transpose(1, 2))  # [B, T, r]
+        expand = torch.bmm(shrink, stack_b[index].transpose(1, 2))  # [B, T, out]
+        expand = expand * scale[index][:, None, None]
+        return expand.reshape(*shape[:-1], self.out_features)
 
     # ---------------------------------------------------------------------------------------------- merge
     def delta_weight(self, name: str) -> torch.Tensor:
