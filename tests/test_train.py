@@ -191,3 +191,26 @@ def test_tensorboard_logging(workspace, tmp_path):
         progress=False,
     )
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_stack_on_trains_new_adapter_on_top_of_frozen_ones(workspace, tmp_path):
+    first = train(tiny_recipe(workspace, f"output_dir={tmp_path / 'first'}", "train.max_steps=3"), progress=False)
+    second = train(
+        tiny_recipe(workspace, f"output_dir={tmp_path / 'second'}", "train.max_steps=3",
+                    f"adapter.stack_on=[{first.output_dir}]"),
+        progress=False,
+    )  # fmt: skip
+    tokenizer, model = load_base(tiny_recipe(workspace))
+    lorakit.load_adapter(model, first.output_dir, adapter_name="old")
+    lorakit.load_adapter(model, second.output_dir, adapter_name="new")
+    _, val, _ = load_dataset(tiny_recipe(workspace).data, tokenizer)
+    from lorakit.evaluate import evaluate_loss
+
+    def loss_with(names):
+        lorakit.set_adapter(model, names)
+        return evaluate_loss(model, val, make_collator(tokenizer), tiny_recipe(workspace).train, torch.device("cpu"))
+
+    # The second run's final eval loss was measured with both adapters active, the first one unchanged (its
+    # original weights from disk reproduce that loss, so it did not train).
+    assert loss_with(["old", "new"]) == pytest.approx(second.eval_loss, abs=1e-5)
+    assert loss_with(["new"]) != pytest.approx(second.eval_loss, abs=1e-4)

@@ -25,7 +25,7 @@ from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.data.formats import read_rows
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluate import evaluate_loss, exact_match_report
-from lorakit.inject import wrap
+from lorakit.inject import mark_trainable, set_adapter, wrap
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loading import DTYPE_NAMES, load_model
 from lorakit.loss import causal_lm_loss_sum
@@ -200,9 +200,14 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     seed_everything(train_cfg.seed)
 
     tokenizer, model = load_base(recipe)
-    for i, path in enumerate(recipe.adapter.stack_on):
-        load_adapter(model, path, adapter_name=f"stacked_{i}", activate=False)
+    stacked = [f"stacked_{i}" for i in range(len(recipe.adapter.stack_on))]
+    for name, path in zip(stacked, recipe.adapter.stack_on):
+        load_adapter(model, path, adapter_name=name, activate=False)
     wrap(model, recipe.adapter.lora_config(), adapter_name="default")
+    if stacked:  # continual learning: earlier adapters active but frozen, only the new one trains
+        set_adapter(model, [*stacked, "default"])
+        for name in stacked:
+            mark_trainable(model, name, False)
     train_set, val_set, stats = load_dataset(recipe.data, tokenizer)
     if len(train_set) == 0:
         raise DataError(f"{recipe.data.path}: no training samples")
