@@ -1,0 +1,42 @@
+"""Serve one base model with many adapters: continuous batching and an OpenAI-compatible HTTP API.
+
+::
+
+    from lorakit.serve import serve
+
+    with serve("models/llama", {"legal": "legal"}, adapter_root="adapters", port=8000) as server:
+        ...  # POST {server.url}/v1/chat/completions {"model": "legal", "messages": [...]}
+
+:mod:`lorakit.serve.engine` batches requests across adapters step by step; :mod:`lorakit.serve.http` puts
+the OpenAI API shape on it with the standard library's ``http.server``. See ``docs/serving.md``.
+"""
+
+from lorakit.serve.engine import (
+    AdapterConflictError,
+    AdapterPathError,
+    Completion,
+    Engine,
+    EngineClosedError,
+    EngineConfig,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    UnknownModelError,
+)
+from lorakit.serve.http import ServeConfig, Server, serve
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterPathError",
+    "Completion",
+    "Engine",
+    "EngineClosedError",
+    "EngineConfig",
+    "GenerationRequest",
+    "QueueFullError",
+    "RequestHandle",
+    "ServeConfig",
+    "Server",
+    "UnknownModelError",
+    "serve",
+]

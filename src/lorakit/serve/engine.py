@@ -1,0 +1,636 @@
+"""One base model, many named adapters, continuous batching of decode steps (``algorithms.md`` §8).
+
+Requests wait in a bounded queue. A scheduler thread owns the model and loops:
+
+1. admit waiting requests while the running batch has room: each one's prompt is prefilled alone (batch of
+   one, its own adapter) and its first token sampled; it then joins the running batch;
+2. run one decode step for the whole running batch in a single forward, each row with its own adapter
+   (``lorakit.inject.batch_adapters``: one base GEMM plus gathered low-rank products);
+3. sample one token per row; rows that hit a stop token or their ``max_tokens`` leave and their callers are
+   answered.
+
+KV cache: the running batch keeps one left-padded transformers ``DynamicCache`` ``[B, kv_heads, L, head_dim]``
+per layer with a 2-D attention mask ``[B, L]`` (0 on the padding) and explicit ``position_ids`` per row, so a
+row's rotary positions and attention are exactly those of the request served alone. The cache is rebuilt
+only when rows join (padding everyone to the longest) or leave (dropping their rows and the columns that
+became all padding); a plain decode step appends one column in place.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import random
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from queue import SimpleQueue
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from lorakit.data import stop_token_ids
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.inject import BASE, adapter_configs, batch_adapters, delete_adapter, lora_layers
+from lorakit.io import load_adapter, read_adapter_config
+
+log = logging.getLogger("lorakit.serve")
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class QueueFullError(LorakitError, RuntimeError):
+    """The waiting queue is full; retry later (HTTP 429)."""
+
+
+class EngineClosedError(LorakitError, RuntimeError):
+    """The engine is shutting down or stopped; no new work is accepted (HTTP 503)."""
+
+
+class UnknownModelError(LorakitError, LookupError):
+    """No adapter of that name is loaded (HTTP 404)."""
+
+
+class AdapterConflictError(LorakitError, RuntimeError):
+    """An adapter of that name is already loaded, or is being unloaded (HTTP 409)."""
+
+
+class AdapterPathError(LorakitError, ValueError):
+    """An adapter path is not inside the adapter root (absolute elsewhere, ``..``, or a symlink escaping it)."""
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """How much work the engine takes on.
+
+    Args:
+        max_batch (int): Most requests decoded together in one forward. Default 16.
+        max_queue (int): Most requests waiting for a batch slot; further ones are refused with
+            :class:`QueueFullError`. Default 64.
+        max_tokens_limit (int): Largest ``max_tokens`` a request may ask for. Default 1024.
+        adapter_root (str | None): The directory every adapter path must resolve into (relative paths are
+            taken from here). ``None``: adapter paths are used as given and loading at run time over HTTP is
+            disabled. Default None.
+    """
+
+    max_batch: int = 16
+    max_queue: int = 64
+    max_tokens_limit: int = 1024
+    adapter_root: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_tokens_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+        if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
+            raise ConfigError(f"adapter_root: {self.adapter_root!r} is not a directory")
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to compute (already tokenized; validated by the caller, e.g. the HTTP layer).
+
+    Args:
+        prompt_ids (list[int]): The prompt's token ids (at least one).
+        adapter (str | None): Adapter name, or ``None`` for the base model.
+        max_tokens (int): Most tokens to generate (the stop token included). Default 16.
+        temperature (float): 0 means greedy; otherwise softmax temperature. Default 0.
+        top_p (float): Nucleus sampling mass in (0, 1]. Default 1.
+        seed (int | None): Seed of this request's own generator: the same seed gives the same sample
+            whatever else is in the batch. Default None (random).
+        stream (bool): Deliver text pieces as they are generated. Default False.
+        ignore_eos (bool): Do not stop at stop tokens (benchmarks). Default False.
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass
+class Completion:
+    """A finished request: the new text (cut before the stop token), why it ended, and token counts."""
+
+    text: str
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: iterate for streamed text, or wait for :meth:`result`."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.cancelled = False
+        self.completion: Completion | None = None
+        self.answered = False  # set by the engine once its final event is out
+        self._events: SimpleQueue = SimpleQueue()
+
+    def cancel(self) -> None:
+        """Stop working on this request (e.g. its client went away); it gets no answer."""
+        self.cancelled = True
+
+    def __iter__(self):
+        """Yield text pieces (only for ``stream=True`` requests) until done; then :attr:`completion` is set.
+
+        Raises:
+            EngineClosedError: The engine closed before the request finished.
+            RuntimeError: The forward pass failed (the engine goes on with other requests).
+        """
+        while True:
+            kind, value = self._events.get()
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                self.completion = value
+                return
+            else:
+                raise value
+
+    def result(self) -> Completion:
+        """Wait for the finished :class:`Completion` (streamed pieces, if any, are skipped)."""
+        for _ in self:
+            pass
+        return self.completion
+
+
+class _TextStream:
+    """Incremental detokenization: each new token's text without decoding the whole answer every step.
+
+    Decodes a short window ``tokens[prefix:]`` and emits what it adds over ``tokens[prefix:read]`` (a window
+    start keeps merges such as leading spaces right); holds back text ending in an incomplete UTF-8 sequence.
+    """
+
+    def __init__(self, decode) -> None:
+        self.decode, self.tokens, self.prefix, self.read, self.sent = decode, [], 0, 0, ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self.decode(self.tokens[self.prefix : self.read])
+        after = self.decode(self.tokens[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        self.sent += after[len(before) :]
+        return after[len(before) :]
+
+
+@dataclass(eq=False)
+class _Row:
+    """A running request: its handle, generated ids, random generator and (streaming) text state."""
+
+    handle: RequestHandle
+    generator: torch.Generator | None
+    stream: _TextStream | None
+    generated: list[int]
+
+
+class _Batch:
+    """The running rows and their left-padded KV cache.
+
+    ``mask`` [B, L] long (0 = padding), ``positions`` [B] (position id of each row's next input token),
+    ``tokens`` [B] (each row's next input token), ``cache`` a DynamicCache with ``[B, kv_heads, L, d]`` per layer.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = self.positions = self.tokens = None
+
+    def join(self, new: list[tuple[_Row, DynamicCache]]) -> None:
+        """Add prefilled rows: everyone is left-padded to the longest cache (one rebuild for all joins)."""
+        parts = [(self.cache, self.mask)] if self.rows else []
+        for _, cache in new:
+            length = cache.get_seq_length()
+            parts.append((cache, torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device)))
+        width = max(mask.shape[1] for _, mask in parts)
+        layers = []
+        for i in range(len(parts[0][0].layers)):
+            keys = [_pad_left(c.layers[i].keys, width - m.shape[1]) for c, m in parts]
+            values = [_pad_left(c.layers[i].values, width - m.shape[1]) for c, m in parts]
+            layers.append((torch.cat(keys), torch.cat(values)))  # [B, kv_heads, width, d]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m in parts])  # [B, width]
+        device, running = self.mask.device, bool(self.rows)
+        # a new row's next input is its first generated token, at the position right after its prompt
+        starts = torch.tensor([len(row.handle.request.prompt_ids) for row, _ in new], device=device)
+        firsts = torch.tensor([row.generated[-1] for row, _ in new], device=device)
+        self.positions = torch.cat([self.positions, starts]) if running else starts
+        self.tokens = torch.cat([self.tokens, firsts]) if running else firsts
+        self.rows += [row for row, _ in new]
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only rows ``index`` (in order), dropping columns that are padding for every kept row."""
+        if not index:
+            self.__init__()
+            return
+        self.rows = [self.rows[i] for i in index]
+        select = torch.tensor(index, device=self.mask.device)
+        mask = self.mask[select]
+        trim = int(mask.any(0).int().argmax())  # leading columns that are padding in every kept row
+        self.mask = mask[:, trim:]
+        self.positions, self.tokens = self.positions[select], self.tokens[select]
+        layers = [
+            (layer.keys[select, :, trim:], layer.values[select, :, trim:]) for layer in self.cache.layers
+        ]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+
+    def step(self, model: nn.Module) -> torch.Tensor:
+        """One decode step for every row in one forward; returns next-token logits [B, vocab] in fp32."""
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # [B, L + 1]
+        names = [row.handle.request.adapter or BASE for row in self.rows]
+        with batch_adapters(model, names):
+            out = model(
+                input_ids=self.tokens[:, None],  # [B, 1]
+                attention_mask=mask,
+                position_ids=self.positions[:, None],  # [B, 1]
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
+        return out.logits[:, -1].float()
+
+
+def _pad_left(states: torch.Tensor, n: int) -> torch.Tensor:
+    # [B, h, T, d] -> [B, h, n + T, d]; the zeros are masked out, so their value never matters
+    return F.pad(states, (0, 0, n, 0)) if n else states
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Sample one token id from ``logits`` [vocab] (fp32) with temperature and nucleus (top-p) filtering.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` (Holtzman et al.
+    2019), as in transformers' ``TopPLogitsWarper``.
+    """
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # mass before this token already reaches top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+
+
+def resolve_adapter_path(root: str | Path | None, path: str) -> Path:
+    """The adapter directory ``path`` names, confined to ``root``.
+
+    Relative paths are taken from ``root``; absolute ones must lie inside it. ``..`` components are refused
+    outright, and the resolved path (symlinks followed) must still be inside the resolved root.
+
+    Raises:
+        AdapterPathError: The path leaves the root.
+        ConfigError: The path is empty or not a directory.
+    """
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ConfigError(f"adapter path: expected a non-empty directory name, got {path!r}")
+    candidate = Path(path)
+    if root is None:
+        resolved = candidate.resolve()
+    else:
+        if ".." in candidate.parts:
+            raise AdapterPathError(
+                f"adapter path {path!r}: '..' is not allowed; give a path inside the adapter root"
+            )
+        base = Path(root).resolve()
+        resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
+        if not resolved.is_relative_to(base):
+            raise AdapterPathError(f"adapter path {path!r} resolves outside the adapter root {str(base)!r}")
+    if not resolved.is_dir():
+        raise ConfigError(f"adapter path {path!r}: no such directory")
+    return resolved
+
+
+class Engine:
+    """Serve one base model with many adapters, batching concurrent requests step by step.
+
+    Args:
+        model (nn.Module): A causal LM in eval mode (wrapped with adapters or not), e.g. from
+            :func:`lorakit.load_model`. The engine's thread is the only one that runs it.
+        tokenizer: Its tokenizer.
+        config (EngineConfig): Batch, queue and token limits, and the adapter root.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = config or EngineConfig()
+        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.device = next(model.parameters()).device
+        # prefill needs the last position's logits only; most transformers LMs can skip the rest
+        accepts = inspect.signature(model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        text_config = model.config.get_text_config(decoder=True)
+        self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
+        self._adapters: dict[str, Path] = {name: Path("<in memory>") for name in adapter_configs(model)}
+        self._draining: set[str] = set()
+        self._inflight = collections.Counter()  # adapter (None: base) -> its queued + running requests
+        self._queue: collections.deque[RequestHandle] = collections.deque()
+        self._cond = threading.Condition()  # guards the fields above and _closing
+        self._model_lock = threading.Lock()  # one forward or one adapter change at a time
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._batch = _Batch()
+        # counters for tests and benchmarks: most rows in one decode step, steps, rows over all steps
+        self.peak_batch = self.decode_steps = self.decoded_rows = 0
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> Engine:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lorakit-serve-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, answer waiting and running ones with :class:`EngineClosedError`, stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():  # else the thread answers its rows itself
+            self._fail_all(EngineClosedError("the server is shutting down"))
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closing
+
+    # ---------------------------------------------------------------------------------------- tokenizing
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (thread-safe)."""
+        with self._tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """``messages`` through the tokenizer's chat template, ending with the assistant's turn opener.
+
+        Raises:
+            ConfigError: The tokenizer has no chat template, or the template rejects the messages.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError("the model's tokenizer has no chat template; use /v1/completions instead")
+        with self._tokenizer_lock:
+            try:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as err:  # jinja's own errors (e.g. a template raising on an unknown role)
+                raise ConfigError(f"messages: the chat template rejected them: {err}") from None
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------------------ adapters
+    def adapters(self) -> dict[str, Path]:
+        """Adapters that requests may name (name -> directory), in load order."""
+        with self._cond:
+            return {n: p for n, p in self._adapters.items() if n not in self._draining}
+
+    def load_adapter(self, name: str, path: str) -> Path:
+        """Load the adapter at ``path`` (confined to ``adapter_root``) under ``name``; waits for the current
+        decode step to end.
+
+        Raises:
+            AdapterConflictError: ``name`` is taken.
+            ConfigError: ``name`` is not a valid adapter name.
+            AdapterPathError, ConfigError, AdapterFileError, AdapterMismatchError: The path or files are bad.
+        """
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        directory = resolve_adapter_path(self.config.adapter_root, path)
+        config = read_adapter_config(directory)
+        if config.modules_to_save:
+            raise ConfigError(
+                f"{directory}: adapters with modules_to_save ({config.modules_to_save}) cannot share a "
+                "mixed batch; serve a merged model instead (lorakit merge)"
+            )
+        with self._model_lock:
+            with self._cond:
+                if name in self._adapters:
+                    raise AdapterConflictError(
+                        f"an adapter named {name!r} is already loaded; unload it first"
+                    )
+            load_adapter(self.model, directory, adapter_name=name, activate=False)
+            self._forget_stacked_weights()
+            with self._cond:
+                self._adapters[name] = directory
+        log.info("loaded adapter %r from %s", name, directory)
+        return directory
+
+    def unload_adapter(self, name: str, timeout: float = 60.0) -> None:
+        """Stop taking requests for ``name``, wait until its queued and running requests finish, free it.
+
+        Raises:
+            UnknownModelError: No such adapter.
+            AdapterConflictError: It is already being unloaded.
+            TimeoutError: Its requests did not finish within ``timeout`` seconds (it stays loaded).
+        """
+        with self._cond:
+            if name not in self._adapters:
+                raise UnknownModelError(
+                    f"no adapter named {name!r} is loaded; loaded: {sorted(self._adapters)}"
+                )
+            if name in self._draining:
+                raise AdapterConflictError(f"adapter {name!r} is already being unloaded")
+            self._draining.add(name)
+            drained = self._cond.wait_for(lambda: self._inflight[name] == 0, timeout)
+            if not drained:
+                self._draining.discard(name)
+                raise TimeoutError(f"adapter {name!r} still has requests after {timeout} s; it stays loaded")
+        with self._model_lock:
+            delete_adapter(self.model, name)
+            self._forget_stacked_weights()
+            with self._cond:
+                del self._adapters[name]
+                self._draining.discard(name)
+        log.info("unloaded adapter %r", name)
+
+    def _forget_stacked_weights(self) -> None:
+        # LoraLinear caches the stacked adapter weights of a mixed batch keyed by tensor versions and
+        # addresses; a freshly loaded adapter can reuse both, so the caches are dropped on every change.
+        for _, layer in lora_layers(self.model):
+            layer._stack_cache = None
+
+    # -------------------------------------------------------------------------------------------- submit
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue ``request``; returns at once with a handle to wait on.
+
+        Raises:
+            EngineClosedError: The engine is shutting down.
+            UnknownModelError: ``request.adapter`` is not loaded.
+            QueueFullError: ``max_queue`` requests are already waiting.
+            ConfigError: The request does not fit the model's context.
+        """
+        total = len(request.prompt_ids) + request.max_tokens
+        if not request.prompt_ids or (self.context_length is not None and total > self.context_length):
+            raise ConfigError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) must be in "
+                f"1..{self.context_length} (the model's context)"
+            )
+        handle = RequestHandle(request)
+        with self._cond:
+            if self._closing:
+                raise EngineClosedError("the server is shutting down")
+            if request.adapter is not None and (
+                request.adapter not in self._adapters or request.adapter in self._draining
+            ):
+                raise UnknownModelError(f"no adapter named {request.adapter!r} is loaded")
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFullError(f"{len(self._queue)} requests are waiting (max_queue); retry shortly")
+            self._queue.append(handle)
+            self._inflight[request.adapter] += 1
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, request: GenerationRequest) -> Completion:
+        """Submit ``request`` and wait for its :class:`Completion`."""
+        return self.submit(request).result()
+
+    # ----------------------------------------------------------------------------------------- scheduler
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing or self._queue or self._batch.rows)
+                if self._closing:
+                    break
+                room = self.config.max_batch - len(self._batch.rows)
+                admitted = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            try:
+                with self._model_lock, torch.no_grad():
+                    self._admit(admitted)
+                    if self._batch.rows:
+                        self._decode_step()
+            except Exception as err:  # a failed forward must not take the server down: fail its requests
+                log.exception("serving step failed")
+                failed = [row.handle for row in self._batch.rows] + admitted
+                self._batch = _Batch()
+                for handle in failed:
+                    self._answer(handle, "error", RuntimeError(f"generation failed: {err}"))
+        self._fail_all(EngineClosedError("the server is shutting down"))
+
+    def _admit(self, handles: list[RequestHandle]) -> None:
+        """Prefill each admitted request alone, sample its first token, and join the batch with the rest.
+
+        A request whose prefill fails is answered with the error alone; the running batch is not touched.
+        """
+        joining = []
+        for handle in handles:
+            if handle.cancelled:
+                self._answer(handle, None, None)
+                continue
+            request = handle.request
+            generator = None
+            if request.temperature > 0:
+                seed = request.seed if request.seed is not None else random.randrange(2**63)
+                generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
+            row = _Row(handle, generator, _TextStream(self._decode) if request.stream else None, [])
+            try:
+                with batch_adapters(self.model, [request.adapter or BASE]):
+                    out = self.model(
+                        input_ids=torch.tensor([request.prompt_ids], device=self.device),  # [1, T]
+                        past_key_values=DynamicCache(),
+                        use_cache=True,
+                        **self._last_logits_only,
+                    )
+                if not self._advance(row, out.logits[0, -1].float()):
+                    joining.append((row, out.past_key_values))
+            except Exception as err:
+                log.exception("prefill failed")
+                self._answer(handle, "error", RuntimeError(f"prefill failed: {err}"))
+        if joining:
+            self._batch.join(joining)
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        self.peak_batch = max(self.peak_batch, len(batch.rows))
+        self.decode_steps, self.decoded_rows = self.decode_steps + 1, self.decoded_rows + len(batch.rows)
+        logits = batch.step(self.model)  # [B, vocab]
+        greedy = logits.argmax(-1).tolist()
+        keep = []
+        for i, row in enumerate(batch.rows):
+            if row.handle.cancelled:
+                self._answer(row.handle, None, None)
+            elif not self._advance(row, logits[i], greedy[i]):
+                keep.append(i)
+        next_tokens = [batch.rows[i].generated[-1] for i in keep]
+        if len(keep) < len(batch.rows):
+            batch.keep(keep)
+        if keep:
+            batch.tokens = torch.tensor(next_tokens, device=batch.mask.device)
+
+    def _advance(self, row: _Row, logits: torch.Tensor, greedy: int | None = None) -> bool:
+        """Choose ``row``'s next token from ``logits`` [vocab]; stream it; answer the row if it is done."""
+        request = row.handle.request
+        if request.temperature > 0:
+            token = sample_next(logits, request.temperature, request.top_p, row.generator)
+        else:
+            token = greedy if greedy is not None else int(logits.argmax())
+        row.generated.append(token)
+        stopped = token in self.stop_ids and not request.ignore_eos
+        if row.stream is not None and not stopped:
+            piece = row.stream.push(token)
+            if piece:
+                row.handle._events.put(("delta", piece))
+        if not stopped and len(row.generated) < request.max_tokens:
+            return False
+        text_ids = row.generated[:-1] if stopped else row.generated
+        text = self._decode(text_ids)
+        if row.stream is not None:
+            # the window decoder held back nothing but an incomplete character; finish on the full text
+            rest = text[len(row.stream.sent) :] if text.startswith(row.stream.sent) else ""
+            text = row.stream.sent + rest
+            if rest:
+                row.handle._events.put(("delta", rest))
+        completion = Completion(
+            text, "stop" if stopped else "length", len(request.prompt_ids), len(row.generated), row.generated
+        )
+        self._answer(row.handle, "done", completion)
+        return True
+
+    def _answer(self, handle: RequestHandle, kind: str | None, value) -> None:
+        """Deliver the final event (none for a cancelled request) and release its adapter, once."""
+        if handle.answered:
+            return
+        handle.answered = True
+        if kind is not None:
+            handle._events.put((kind, value))
+        with self._cond:
+            self._inflight[handle.request.adapter] -= 1
+            self._cond.notify_all()
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            waiting, self._queue = list(self._queue), collections.deque()
+        running, self._batch = [row.handle for row in self._batch.rows], _Batch()
+        for handle in waiting + running:
+            self._answer(handle, "error", error)
+
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterPathError",
+    "Completion",
+    "Engine",
+    "EngineClosedError",
+    "EngineConfig",
+    "GenerationRequest",
+    "QueueFullError",
+    "RequestHandle",
+    "UnknownModelError",
+    "resolve_adapter_path",
+    "sample_next",
+]

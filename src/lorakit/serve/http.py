@@ -1,0 +1,604 @@
+"""An HTTP server with the OpenAI API shape over :class:`~lorakit.serve.engine.Engine` (standard library only).
+
+Routes (one table, :attr:`_Handler.ROUTES`)::
+
+    GET    /v1/models               the base model and every loaded adapter
+    POST   /v1/completions          {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stream"}
+    POST   /v1/chat/completions     {"model", "messages", ...}; "stream": true sends server-sent events
+    POST   /v1/adapters             {"name", "path"}: load an adapter (path inside the adapter root)
+    DELETE /v1/adapters/{name}      unload an adapter (after its running requests finish)
+    GET    /health                  {"status": "ok"}
+
+``model`` names an adapter or the base model (its id is the model directory's name unless ``model_name``
+is set). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import unquote, urlsplit
+
+from lorakit.errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    ConfigError,
+    LorakitError,
+    TargetModuleError,
+)
+from lorakit.serve.engine import (
+    ADAPTER_NAME,
+    AdapterConflictError,
+    AdapterPathError,
+    Completion,
+    Engine,
+    EngineClosedError,
+    EngineConfig,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    UnknownModelError,
+)
+
+log = logging.getLogger("lorakit.serve")
+_REQUIRED = object()
+
+
+@dataclass(kw_only=True)
+class ServeConfig(EngineConfig):
+    """What :class:`Server` serves and where (plus the :class:`EngineConfig` limits it inherits).
+
+    Args:
+        model_dir (str): Local Hugging Face model directory (config, safetensors weights, tokenizer).
+        adapters (dict[str, str]): Adapters loaded at start, name -> directory (inside ``adapter_root`` when
+            one is set; relative paths are taken from it). Default none.
+        host (str): Address to bind. Default ``"127.0.0.1"`` (this machine only; there is no TLS).
+        port (int): TCP port; 0 picks a free one (see :attr:`Server.port`). Default 8000.
+        quantize (str | None): ``"nf4"`` / ``"fp4"`` loads the base in 4 bits; None keeps it in ``dtype``.
+        dtype (str | None): ``"bfloat16"``, ``"float16"`` or ``"float32"``; None: bfloat16 with ``quantize``,
+            else float32.
+        device (str): Where the model runs. Default ``"cpu"``.
+        model_name (str | None): The base model's id in the API; default the model directory's name.
+        api_key (str | None): If set, every request but ``/health`` needs ``Authorization: Bearer <key>``.
+        max_body_bytes (int): Largest request body; bigger ones get 413. Default 1 MiB.
+    """
+
+    model_dir: str
+    adapters: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    quantize: str | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    model_name: str | None = None
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ConfigError(
+                f"model_dir: {self.model_dir!r} holds no config.json (a Hugging Face model dir)"
+            )
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: expected 0..65535, got {self.port!r}")
+        if self.quantize not in (None, "nf4", "fp4"):
+            raise ConfigError(f"quantize: expected 'nf4', 'fp4' or None, got {self.quantize!r}")
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype: expected bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes: expected >= 1024, got {self.max_body_bytes}")
+
+
+class HTTPError(Exception):
+    """An answer other than 200, in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.headers = kind, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], default=_REQUIRED):
+    """``body[name]`` checked against ``kinds`` (a bool is never taken for a number); 400 otherwise."""
+    value = body.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise HTTPError(400, f"'{name}' is required", name, "missing_required_parameter")
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise HTTPError(
+            400, f"'{name}': expected {expected}, got {type(value).__name__}", name, "invalid_type"
+        )
+    return value
+
+
+def _check_range(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise HTTPError(400, f"'{name}': expected {expected}, got {value!r}", name, "invalid_value")
+
+
+def _error_for(err: Exception) -> HTTPError:
+    """The HTTP answer for an engine error."""
+    if isinstance(err, QueueFullError):
+        return HTTPError(429, str(err), None, "rate_limit_exceeded", "requests", {"Retry-After": "1"})
+    if isinstance(err, EngineClosedError):
+        return HTTPError(503, str(err), None, "service_unavailable", "server_error")
+    if isinstance(err, UnknownModelError):
+        return HTTPError(404, str(err), "model", "model_not_found")
+    if isinstance(err, (AdapterConflictError, TimeoutError)):
+        return HTTPError(409, str(err), "name", "conflict")
+    if isinstance(err, AdapterPathError):
+        return HTTPError(400, str(err), "path", "invalid_adapter_path")
+    if isinstance(err, (AdapterFileError, AdapterMismatchError, TargetModuleError)):
+        return HTTPError(400, str(err), "path", "invalid_adapter")
+    if isinstance(err, LorakitError):  # lorakit raises these on bad input only
+        return HTTPError(400, str(err), None, "invalid_value")
+    return HTTPError(500, f"internal error: {err}", None, None, "server_error")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection's requests (HTTP/1.1 keep-alive); ``self.server.app`` is the :class:`Server`."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "lorakit"
+    timeout = 60  # seconds an idle keep-alive connection is held open
+
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out as separate writes: without NODELAY, Nagle + delayed ACK add ~40 ms each
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def log_message(self, format: str, *args) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    def _dispatch(self, method: str) -> None:
+        app: Server = self.server.app
+        path = urlsplit(self.path).path
+        arg, self._streaming = None, False
+        if path.startswith("/v1/adapters/") and "/" not in path[len("/v1/adapters/") :]:
+            path, arg = "/v1/adapters/{name}", unquote(path[len("/v1/adapters/") :])
+        try:
+            body = self._read_body(app.config.max_body_bytes)
+            routes = self.ROUTES.get(path)
+            if routes is None:
+                raise HTTPError(404, f"unknown route: {method} {self.path}", None, "unknown_url")
+            if method not in routes:
+                allow = ", ".join(sorted(routes))
+                raise HTTPError(405, f"{method} is not allowed on {path}; use {allow}", None,
+                                "method_not_allowed", headers={"Allow": allow})  # fmt: skip
+            if app.config.api_key and path != "/health":
+                self._check_key(app.config.api_key)
+            routes[method](self, app, body, arg)
+        except HTTPError as err:
+            self._send_json(err.status, err.body(), err.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as err:
+            log.exception("request %s %s failed", method, self.path)
+            if self._streaming:  # the status line is out already: all we can do is hang up
+                self.close_connection = True
+                return
+            self._send_json(500, HTTPError(500, f"internal error: {err}", kind="server_error").body())
+
+    def _read_body(self, limit: int) -> dict | None:
+        """The JSON object sent, or None when there is no body."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise HTTPError(411, "send the body with a Content-Length header (chunked is not supported)")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise HTTPError(400, "Content-Length is not a number", None, "invalid_header") from None
+        if length > limit:
+            self.close_connection = True  # the unread body would be taken for the next request
+            raise HTTPError(
+                413, f"request body is {length} bytes; the limit is {limit}", None, "request_too_large"
+            )
+        if length <= 0:
+            return None
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HTTPError(400, f"request body is not valid JSON: {err}", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise HTTPError(
+                400, f"request body must be a JSON object, got {type(body).__name__}", None, "invalid_json"
+            )
+        return body
+
+    def _check_key(self, key: str) -> None:
+        sent = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            raise HTTPError(
+                401, "missing or wrong API key (Authorization: Bearer <key>)", None, "invalid_api_key"
+            )
+
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_event(self, payload: dict | str) -> None:
+        """One server-sent event as one HTTP/1.1 chunk: ``data: {...}\\n\\n``."""
+        data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    # ----------------------------------------------------------------------------------------- endpoints
+    def _health(self, app: Server, body: dict | None, arg: str | None) -> None:
+        self._send_json(200, {"status": "closing" if app.engine.closing else "ok"})
+
+    def _models(self, app: Server, body: dict | None, arg: str | None) -> None:
+        self._send_json(200, {"object": "list", "data": [app.model_card(n) for n in app.model_ids()]})
+
+    def _load_adapter(self, app: Server, body: dict | None, arg: str | None) -> None:
+        body = body or {}
+        name, path = _field(body, "name", (str,)), _field(body, "path", (str,))
+        if app.config.adapter_root is None:
+            raise HTTPError(403, "loading adapters at run time is disabled: start the server with an adapter "
+                            "root (--adapter-root DIR)", "path", "adapter_loading_disabled")  # fmt: skip
+        _check_range(ADAPTER_NAME.fullmatch(name) is not None, "name", "1-64 of A-Z a-z 0-9 . _ -", name)
+        if name == app.model_id:
+            raise HTTPError(409, f"{name!r} is the base model's id; choose another name", "name", "conflict")
+        try:
+            app.engine.load_adapter(name, path)
+        except ConfigError as err:  # the name is valid, so the path is at fault
+            raise HTTPError(400, str(err), "path", "invalid_value") from None
+        except LorakitError as err:
+            raise _error_for(err) from None
+        self._send_json(201, app.model_card(name))
+
+    def _unload_adapter(self, app: Server, body: dict | None, arg: str | None) -> None:
+        try:
+            app.engine.unload_adapter(arg)
+        except (LorakitError, TimeoutError) as err:
+            raise _error_for(err) from None
+        self._send_json(200, {"id": arg, "object": "model", "deleted": True})
+
+    def _completions(self, app: Server, body: dict | None, arg: str | None) -> None:
+        body = _require_body(body)
+        prompt = _field(body, "prompt", (str, list))
+        if isinstance(prompt, list):  # OpenAI allows a batch of prompts; one per request here
+            _check_range(len(prompt) == 1 and isinstance(prompt[0], str), "prompt", "a string", prompt)
+            prompt = prompt[0]
+        ids = app.engine.encode(prompt, add_special_tokens=True)
+        request = app.generation_request(body, ids, "prompt", default_max_tokens=16)
+        self._answer(app, body, request, chat=False)
+
+    def _chat_completions(self, app: Server, body: dict | None, arg: str | None) -> None:
+        body = _require_body(body)
+        messages = _messages(_field(body, "messages", (list,)))
+        try:
+            text = app.engine.render_chat(messages)
+        except ConfigError as err:
+            raise HTTPError(400, str(err), "messages", "invalid_value") from None
+        ids = app.engine.encode(text, add_special_tokens=False)  # the template writes its own BOS
+        request = app.generation_request(body, ids, "messages", default_max_tokens=None)
+        self._answer(app, body, request, chat=True)
+
+    def _answer(self, app: Server, body: dict, request: GenerationRequest, chat: bool) -> None:
+        """Submit ``request`` and answer with one JSON body, or with server-sent events when streaming."""
+        try:
+            handle = app.engine.submit(request)
+        except LorakitError as err:
+            raise _error_for(err) from None
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        if not request.stream:
+            try:
+                done = handle.result()
+            except Exception as err:  # the engine closed (503) or the forward failed (500)
+                raise _error_for(err) from None
+            choice = {"index": 0, "finish_reason": done.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": done.text}
+            else:
+                choice.update(text=done.text, logprobs=None)
+            self._send_json(200, {**head, "choices": [choice], "usage": _usage(done)})
+            return
+        self._stream(handle, head, chat, bool((body.get("stream_options") or {}).get("include_usage")))
+
+    def _stream(self, handle: RequestHandle, head: dict, chat: bool, include_usage: bool) -> None:
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {}
+                delta.update({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {**head, "choices": [choice]}
+
+        self._streaming = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            if chat:
+                self._send_event(chunk(None, None, role=True))
+            try:
+                for piece in handle:
+                    self._send_event(chunk(piece, None))
+                done = handle.completion
+                self._send_event(chunk(None, done.finish_reason))
+                if include_usage:
+                    self._send_event({**head, "choices": [], "usage": _usage(done)})
+            except Exception as err:  # the engine closed or the forward failed: say so in the stream
+                self._send_event(_error_for(err).body())
+            self._send_event("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            handle.cancel()  # the client went away: free its batch slot
+            self.close_connection = True
+
+    ROUTES: ClassVar[dict[str, dict]] = {
+        "/v1/models": {"GET": _models},
+        "/v1/completions": {"POST": _completions},
+        "/v1/chat/completions": {"POST": _chat_completions},
+        "/v1/adapters": {"POST": _load_adapter},
+        "/v1/adapters/{name}": {"DELETE": _unload_adapter},
+        "/health": {"GET": _health},
+    }
+
+
+def _require_body(body: dict | None) -> dict:
+    if body is None:
+        raise HTTPError(400, "send a JSON object body (Content-Type: application/json)", None, "missing_body")
+    return body
+
+
+def _messages(messages: list) -> list[dict]:
+    """Chat messages as ``{"role", "content": str}``; content given as a list of text parts is joined."""
+    _check_range(len(messages) > 0, "messages", "a non-empty list", messages)
+    clean = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        _check_range(isinstance(role, str), f"messages[{i}].role", "a string", role)
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = [
+                p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content
+            ]
+            _check_range(
+                all(isinstance(p, str) for p in parts), f"messages[{i}].content", "text parts", content
+            )
+            content = "".join(parts)
+        _check_range(isinstance(content, str), f"messages[{i}].content", "a string", content)
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def _usage(done: Completion) -> dict:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never blocks shutdown
+    request_queue_size = 128  # listen backlog: socketserver's 5 resets bursts of concurrent clients
+
+    def __init__(self, app: Server) -> None:
+        host = app.config.host
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.app = app
+        super().__init__((host, app.config.port), _Handler)
+
+
+class Server:
+    """A running OpenAI-compatible server: the model, its adapters, the engine and the HTTP listener.
+
+    Binding happens in the constructor (so ``port=0`` is resolved at once); nothing is served before
+    :meth:`start` (background thread) or :meth:`serve_forever` (this thread). Use it as a context manager
+    for a clean shutdown::
+
+        with Server(ServeConfig(model_dir="base", adapter_root="adapters", port=0)).start() as server:
+            httpx.post(f"{server.url}/v1/completions", json={"model": "base", "prompt": "Hi"})
+
+    Args:
+        config (ServeConfig): What to serve and how.
+        model (nn.Module | None): An already loaded model (then ``tokenizer`` too); default: load
+            ``config.model_dir``.
+        tokenizer: Its tokenizer.
+
+    Raises:
+        ConfigError: A bad setting or adapter name. AdapterFileError / AdapterPathError: A bad adapter.
+        OSError: The address is in use.
+    """
+
+    def __init__(self, config: ServeConfig, model=None, tokenizer=None) -> None:
+        self.config = config
+        if model is None:
+            model, tokenizer = _load(config)
+        self.model_id = config.model_name or Path(config.model_dir).resolve().name
+        self.created = int(time.time())
+        self.engine = Engine(model, tokenizer, config)
+        for name, path in config.adapters.items():
+            if name == self.model_id:
+                raise ConfigError(f"adapters: {name!r} is the base model's id; choose another name")
+            self.engine.load_adapter(name, path)
+        self._httpd = _HTTPServer(self)
+        self._serving = False  # serve_forever was entered (so shutdown() will return)
+
+    @property
+    def host(self) -> str:
+        """The bound address."""
+        return self._httpd.server_address[0]
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when started with ``port=0``)."""
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> Server:
+        """Serve in a background thread; returns at once."""
+        self.engine.start()
+        self._serving = True
+        threading.Thread(target=self._httpd.serve_forever, name="lorakit-serve-http", daemon=True).start()
+        log.info("serving %s with adapters %s on %s", self.model_id, list(self.engine.adapters()), self.url)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted (Ctrl-C), then shut down cleanly."""
+        self.engine.start()
+        self._serving = True
+        log.info("serving %s with adapters %s on %s", self.model_id, list(self.engine.adapters()), self.url)
+        try:
+            self._httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Refuse new work (503), answer waiting requests, stop listening and the engine."""
+        self.engine.close()
+        if self._serving:
+            self._httpd.shutdown()  # waits for the serving loop to exit (at once if it already has)
+            self._serving = False
+        self._httpd.server_close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ helpers for handlers
+    def model_ids(self) -> list[str]:
+        """The base model's id, then every loaded adapter's name."""
+        return [self.model_id, *self.engine.adapters()]
+
+    def model_card(self, name: str) -> dict:
+        """One entry of ``/v1/models``."""
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "lorakit"}
+        return card if name == self.model_id else {**card, "parent": self.model_id}
+
+    def generation_request(
+        self, body: dict, ids: list[int], prompt_field: str, default_max_tokens: int | None
+    ) -> GenerationRequest:
+        """Validate the request fields shared by both completion routes (400/404 with the field named)."""
+        model = _field(body, "model", (str,))
+        if model != self.model_id and model not in self.engine.adapters():
+            raise HTTPError(404, f"the model {model!r} does not exist; see GET /v1/models", "model",
+                            "model_not_found")  # fmt: skip
+        limit, context = self.config.max_tokens_limit, self.engine.context_length or 1 << 62
+        _check_range(0 < len(ids) < context, prompt_field, f"1..{context - 1} tokens", f"{len(ids)} tokens")
+        name = "max_tokens" if "max_tokens" in body or prompt_field == "prompt" else "max_completion_tokens"
+        fits = min(limit, context - len(ids))
+        max_tokens = _field(body, name, (int,), min(default_max_tokens or fits, fits))
+        _check_range(1 <= max_tokens <= limit, name, f"1..{limit}", max_tokens)
+        if len(ids) + max_tokens > context:
+            raise HTTPError(400, f"this model's context is {context} tokens, but the prompt has {len(ids)} and "
+                            f"{name} asks for {max_tokens} more; shorten the prompt or lower {name}",
+                            prompt_field, "context_length_exceeded")  # fmt: skip
+        temperature = _field(body, "temperature", (int, float), 1.0)
+        _check_range(0 <= temperature <= 2, "temperature", "0..2", temperature)
+        top_p = _field(body, "top_p", (int, float), 1.0)
+        _check_range(0 < top_p <= 1, "top_p", "(0, 1]", top_p)
+        _check_range(_field(body, "n", (int,), 1) == 1, "n", "1 (one choice per request)", body.get("n"))
+        _check_range(body.get("stop") in (None, []), "stop", "null (stop sequences are not supported; the "
+                     "model stops at its end-of-turn token)", body.get("stop"))  # fmt: skip
+        return GenerationRequest(
+            prompt_ids=ids,
+            adapter=None if model == self.model_id else model,
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            seed=_field(body, "seed", (int,), None),
+            stream=_field(body, "stream", (bool,), False),
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+        )
+
+
+def _load(config: ServeConfig):
+    import torch
+    from transformers import AutoTokenizer
+
+    from lorakit.loading import DTYPE_NAMES, load_model
+
+    dtype = (
+        DTYPE_NAMES[config.dtype] if config.dtype else torch.bfloat16 if config.quantize else torch.float32
+    )
+    model = load_model(config.model_dir, quantize=config.quantize, compute_dtype=dtype, device=config.device)
+    return model, AutoTokenizer.from_pretrained(config.model_dir)
+
+
+def serve(model_dir: str, adapters: dict[str, str] | None = None, **options) -> Server:
+    """Load ``model_dir`` with ``adapters`` and serve it in a background thread.
+
+    Args:
+        model_dir (str): Local Hugging Face model directory.
+        adapters (dict[str, str] | None): Adapters to load at start, name -> directory.
+        **options: Any other :class:`ServeConfig` field: ``adapter_root``, ``host`` ("127.0.0.1"), ``port``
+            (8000; 0 for a free one), ``max_batch``, ``max_queue``, ``max_tokens_limit``, ``quantize``, ...
+
+    Returns:
+        Server: Started; ``server.url`` is its address; ``server.close()`` (or ``with``) stops it.
+    """
+    return Server(ServeConfig(model_dir=str(model_dir), adapters=dict(adapters or {}), **options)).start()
+
+
+__all__ = ["HTTPError", "ServeConfig", "Server", "serve"]
