@@ -74,8 +74,13 @@ class LoraConfig:
         exclude_modules (list[str] | str | None): Same matching rules; matched modules are never wrapped.
         lora_dropout (float): Dropout on the adapter input, in ``[0, 1)``. Default 0.
         use_rslora (bool): Scale by ``lora_alpha / sqrt(r)`` (rank-stabilized LoRA). Default False.
+        use_dora (bool): DoRA: a trainable magnitude per output row rescales ``W0 + s·B A`` to
+            ``m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖`` (:mod:`lorakit.adapters.dora`). Default False.
         init_lora_weights (bool | str): ``True``: A kaiming-uniform (a=√5), B zero. ``"gaussian"``:
             A ~ N(0, 1/r), B zero. ``False``: A and B random (output changes at step 0; for tests).
+            ``"pissa"``: A, B from the top-r singular vectors of W0 and W0 replaced by the residual (output
+            unchanged); ``"pissa_niter_<k>"``: the same with randomized SVD, ``k`` subspace iterations
+            (:mod:`lorakit.adapters.pissa`).
         bias (str): Only ``"none"``: biases stay frozen and are not saved.
         modules_to_save (list[str] | None): Modules (by name suffix) trained in full and saved with the
             adapter, e.g. ``["lm_head"]`` or a classification head ``["classifier"]``.
@@ -100,6 +105,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     bias: str = "none"
     modules_to_save: list[str] | None = None
@@ -118,10 +124,14 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        init = self.init_lora_weights
+        if not (init in (True, False, "gaussian") or is_pissa_init(init)):
             raise ConfigError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>' "
+                f"(k >= 0 subspace iterations), got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.bias != "none":
             raise ConfigError(
                 f"LoraConfig.bias={self.bias!r} is not supported: lorakit keeps base biases frozen "
@@ -191,7 +201,6 @@ class LoraConfig:
             peft_type="LORA",
             revision=None,
             inference_mode=True,
-            use_dora=False,
             target_modules=sorted(target) if isinstance(target, list) else target,
         )
         out = {key: values[key] for key in _PEFT_CORE_KEYS}
@@ -213,8 +222,6 @@ class LoraConfig:
             raise ConfigError(
                 f"{source}: peft_type is {peft_type!r}; lorakit.load_adapter reads LORA adapters"
             )
-        if data.get("use_dora"):
-            raise ConfigError(f"{source}: use_dora=true (DoRA) is not supported by this lorakit version")
         for key, default in _PEFT_UNSUPPORTED.items():
             if data.get(key, default) not in (default, [], {}):
                 raise ConfigError(
@@ -224,13 +231,19 @@ class LoraConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {key: value for key, value in data.items() if key in names and value is not None}
         init = kwargs.get("init_lora_weights")
-        if isinstance(init, str) and init != "gaussian":
-            # pissa / olora / loftq ... only change the initialization; the saved weights are plain LoRA.
+        if isinstance(init, str) and init != "gaussian" and not is_pissa_init(init):
+            # olora / loftq / eva ... only change the initialization; read the weights as plain LoRA. PiSSA is kept:
+            # as in PEFT, loading re-runs it so the base becomes the residual the adapter was trained on.
             kwargs["init_lora_weights"] = True
         try:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def is_pissa_init(value: Any) -> bool:
+    """True for ``"pissa"`` and ``"pissa_niter_<k>"`` (k a non-negative integer)."""
+    return isinstance(value, str) and re.fullmatch(r"pissa(_niter_\d+)?", value) is not None
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:

@@ -210,10 +210,10 @@ def wrap(
             _set_submodule(model, path, module)
         r, alpha = config.rank_for(path), config.alpha_for(path)
         module.add_adapter(
-            adapter_name, r, alpha, config.scaling(r, alpha), config.lora_dropout, config.init_lora_weights
-        )
-        module.lora_A[adapter_name].requires_grad_(first)
-        module.lora_B[adapter_name].requires_grad_(first)
+            adapter_name, r, alpha, config.scaling(r, alpha), config.lora_dropout, config.init_lora_weights,
+            use_dora=config.use_dora,
+        )  # fmt: skip
+        module.set_trainable(adapter_name, first)
     _wrap_modules_to_save(model, config, adapter_name, trainable=first)
     _install_adapter_names_hook(model)
     configs[adapter_name] = config
@@ -272,8 +272,7 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
         for name in layer.lora_A:
-            layer.lora_A[name].requires_grad_(name in names)
-            layer.lora_B[name].requires_grad_(name in names)
+            layer.set_trainable(name, name in names)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             active = [n for n in names if n in module.modules_to_save]
@@ -499,23 +498,60 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def mark_trainable(model: nn.Module, adapter_name: str, trainable: bool = True) -> None:
     """Set ``requires_grad`` on every weight of one adapter."""
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.lora_A[adapter_name].requires_grad_(trainable)
-            layer.lora_B[adapter_name].requires_grad_(trainable)
+        layer.set_trainable(adapter_name, trainable)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(trainable)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name``'s tensors under PEFT's file keys (``base_model.model.<path>.lora_A.weight``)."""
+    """Adapter ``adapter_name``'s tensors under PEFT's file keys (``base_model.model.<path>.lora_A.weight``).
+
+    A DoRA magnitude is ``base_model.model.<path>.lora_magnitude_vector`` (no ``.weight``), as PEFT writes it.
+    """
     state = {}
     for path, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
             state[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             state[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            magnitude = layer.lora_magnitude_vector[adapter_name].weight
+            state[f"base_model.model.{path}.lora_magnitude_vector"] = magnitude
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 state[f"base_model.model.{path}.{key}"] = tensor
     return state
+
+
+def list_adapters(model: nn.Module) -> list[dict]:
+    """One row per adapter on ``model``, in the order the adapters were added.
+
+    Each row: ``name`` (str), ``r`` (int, the config's rank), ``ranks`` (sorted distinct per-layer ranks, which
+    differ from ``[r]`` with ``rank_pattern``), ``lora_alpha`` (float), ``target_modules`` (list[str] | str),
+    ``layers`` (int, wrapped layers holding it), ``active`` (bool, active in at least one layer), ``trainable``
+    (bool, some weight has ``requires_grad``), ``parameters`` (int, elements of A, B, DoRA magnitudes and
+    ``modules_to_save`` copies), ``use_dora`` (bool) and ``merged`` (bool, merged into the base in some layer).
+    """
+    rows = []
+    for name, config in adapter_configs(model).items():
+        tables = "lora_A|lora_B|lora_magnitude_vector|modules_to_save"
+        owned = re.compile(rf"(^|\.)({tables})\.{re.escape(name)}\.")
+        params = [p for path, p in model.named_parameters() if owned.search(path)]
+        layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+        rows.append(
+            {
+                "name": name,
+                "r": config.r,
+                "ranks": sorted({layer.r[name] for layer in layers}),
+                "lora_alpha": config.lora_alpha,
+                "target_modules": config.target_modules,
+                "layers": len(layers),
+                "active": any(name in layer.active_adapters for layer in layers),
+                "trainable": any(p.requires_grad for p in params),
+                "parameters": sum(p.numel() for p in params),
+                "use_dora": config.use_dora,
+                "merged": any(name in layer.merged_adapters for layer in layers),
+            }
+        )
+    return rows

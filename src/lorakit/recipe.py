@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, is_pissa_init
 from lorakit.data import DataConfig
 from lorakit.errors import ConfigError
 
@@ -115,6 +115,11 @@ class AdapterSection:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise _fail("adapter", "method", f"one of {', '.join(METHODS)}", self.method)
+        if is_pissa_init(self.init_lora_weights) and self.stack_on:
+            # PiSSA replaces the base weights by residuals; adapters trained on the original weights would not fit.
+            raise _fail(
+                "adapter", "init_lora_weights", "no PiSSA init together with stack_on", self.init_lora_weights
+            )
         try:
             self.lora_config()
         except ConfigError as err:
@@ -124,7 +129,7 @@ class AdapterSection:
         """The :class:`~lorakit.LoraConfig` this section describes."""
         names = {f.name for f in dataclasses.fields(LoraConfig)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
-        return LoraConfig(**values)
+        return LoraConfig(**values, use_dora=self.method == "dora")
 
 
 @dataclass

@@ -20,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from lorakit.adapters.pissa import initial_state, quantize_model, save_as_lora
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.config import is_pissa_init
 from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.data.formats import read_rows
 from lorakit.errors import ConfigError, LorakitError
@@ -29,6 +31,7 @@ from lorakit.inject import mark_trainable, set_adapter, wrap
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loading import DTYPE_NAMES, load_model
 from lorakit.loss import causal_lm_loss_sum
+from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import plot_metrics
 from lorakit.recipe import Recipe
 
@@ -88,8 +91,12 @@ def _check_output_dir(recipe: Recipe, resume: bool) -> Path:
     )
 
 
-def load_base(recipe: Recipe):
-    """The tokenizer and the base model of a recipe, on the training device."""
+def load_base(recipe: Recipe, quantize: bool = True):
+    """The tokenizer and the base model of a recipe, on the training device.
+
+    ``quantize=False`` loads in the compute dtype even when the recipe asks for 4 bits (QPiSSA quantizes the
+    residuals after the PiSSA initialization).
+    """
     section = recipe.model
     path = Path(section.path)
     if not (path / "config.json").is_file():
@@ -98,8 +105,8 @@ def load_base(recipe: Recipe):
         path, local_files_only=True, trust_remote_code=section.trust_remote_code
     )
     model = load_model(
-        path, quantize=section.quantize, double_quant=section.double_quant, blocksize=section.blocksize,
-        compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),
+        path, quantize=section.quantize if quantize else None, double_quant=section.double_quant,
+        blocksize=section.blocksize, compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),
         trust_remote_code=section.trust_remote_code,
     )  # fmt: skip
     if section.gradient_checkpointing:
@@ -108,14 +115,20 @@ def load_base(recipe: Recipe):
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (the optimizers of later issues plug in here)."""
+    """AdamW over the trainable parameters; with ``train.loraplus_ratio``, over LoRA+'s parameter groups (the B
+    matrices and 1-D parameters at ``ratio x lr``: :mod:`lorakit.optim.loraplus`)."""
     section = recipe.train
-    if section.optimizer != "adamw" or section.loraplus_ratio is not None:
-        what = (
-            f"train.optimizer={section.optimizer}" if section.optimizer != "adamw" else "train.loraplus_ratio"
+    if section.optimizer != "adamw":
+        raise ConfigError(
+            f"train.optimizer={section.optimizer} is validated but not available in this lorakit version; "
+            "use adamw"
         )
-        raise ConfigError(f"{what} is validated but not available in this lorakit version; use adamw")
-    params = [p for p in model.parameters() if p.requires_grad]
+    if section.loraplus_ratio is not None:
+        params = loraplus_param_groups(
+            model, section.lr, section.loraplus_ratio, weight_decay=section.weight_decay
+        )
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
 
 
@@ -190,7 +203,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     train_cfg, device = recipe.train, _device()
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if recipe.adapter.method != "lora":
+    if recipe.adapter.method not in ("lora", "dora"):
         raise ConfigError(
             f"adapter.method={recipe.adapter.method} is validated but not available in this version"
         )
@@ -199,11 +212,17 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     (out / RECIPE_NAME).write_text(recipe.to_yaml())
     seed_everything(train_cfg.seed)
 
-    tokenizer, model = load_base(recipe)
+    pissa = is_pissa_init(recipe.adapter.init_lora_weights)
+    tokenizer, model = load_base(recipe, quantize=not pissa)  # PiSSA's SVD needs the full-precision weights
     stacked = [f"stacked_{i}" for i in range(len(recipe.adapter.stack_on))]
     for name, path in zip(stacked, recipe.adapter.stack_on):
         load_adapter(model, path, adapter_name=name, activate=False)
     wrap(model, recipe.adapter.lora_config(), adapter_name="default")
+    pissa_start = initial_state(model) if pissa else None
+    if pissa and recipe.model.quantize:  # QPiSSA: the residuals (and the other Linears) go to 4 bits now
+        base = recipe.model
+        dtype = DTYPE_NAMES[base.compute_dtype]
+        quantize_model(model, base.quantize, base.blocksize, base.double_quant, dtype)
     if stacked:  # continual learning: earlier adapters active but frozen, only the new one trains
         set_adapter(model, [*stacked, "default"])
         for name in stacked:
@@ -350,6 +369,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
 
     model.eval()
     save_adapter(model, out)
+    if pissa_start is not None:  # the same update as a plain LoRA adapter for the original base weights
+        save_as_lora(model, out / "as_lora", pissa_start)
     tokenizer.save_pretrained(out)
     plot_metrics(out / METRICS_NAME, out / "loss.png")
     result.best_eval_loss = state["best_eval"]

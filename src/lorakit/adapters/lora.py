@@ -5,6 +5,10 @@
 The wrapper never dissolves its base layer: ``base_layer`` is the original ``nn.Linear``, GPT-2 ``Conv1D``
 or lorakit 4-bit layer, untouched. Adapters live in ``nn.ModuleDict``s keyed by adapter name, so several
 coexist; parameter paths (``q_proj.lora_A.default.weight``) match PEFT's in-memory names.
+
+A DoRA adapter (``use_dora``) is a LoRA adapter plus a magnitude in ``lora_magnitude_vector[name]``; its math lives in
+:mod:`lorakit.adapters.dora`. PiSSA (``init_lora_weights="pissa"``) only changes the initialization
+(:mod:`lorakit.adapters.pissa`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.errors import MergeError
+from lorakit.adapters import dora
+from lorakit.errors import ConfigError, MergeError
 
 
 def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
@@ -51,6 +56,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoraMagnitude
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -61,6 +67,11 @@ class LoraLinear(nn.Module):
         # stacked adapter weights that the gathered products read.
         self.row_adapters: list[str] | None = None
         self._stack_cache: tuple | None = None
+        # DoRA: ||W0||^2 per row (frozen, keyed by the base weight), norms cached in no-grad mode, and the norm of
+        # each merged DoRA adapter (it cannot be recovered from the merged weight).
+        self._base_sq_norm: tuple | None = None
+        self._norm_cache: dict[str, tuple] = {}
+        self._merged_norm: dict[str, torch.Tensor] = {}
         self.train(base_layer.training)  # a wrapper added to a model in eval mode stays in eval mode
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -72,20 +83,37 @@ class LoraLinear(nn.Module):
         scaling: float,
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> None:
-        """Create adapter ``name``: ``lora_A`` [r, in] and ``lora_B`` [out, r] in fp32 on the base's device."""
+        """Create adapter ``name``: ``lora_A`` [r, in] and ``lora_B`` [out, r] in fp32 on the base's device.
+
+        With ``use_dora`` the adapter also gets a magnitude ``lora_magnitude_vector[name].weight`` [out], fp32,
+        initialized to ``‖W0 + s·B A‖`` per row (after the A/B initialization, as PEFT).
+        """
         device = self._base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.train(self.training)  # new submodules start in training mode; follow the wrapper's mode
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
+        self._norm_cache.pop(name, None)  # new tensors may reuse an old adapter's addresses and versions
         self.reset_adapter(name, init_lora_weights)
+        if use_dora:
+            norm = dora.weight_norm_reference(
+                self.base_weight_rows(), self.lora_A[name].weight, self.lora_B[name].weight, scaling
+            )
+            self.lora_magnitude_vector[name] = dora.DoraMagnitude(norm)
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights: bool | str = True) -> None:
         """Initialize adapter ``name`` as PEFT does (``reset_lora_parameters``)."""
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+            # pissa.py builds on inject/io (model-level flows), which import this module: import it here.
+            from lorakit.adapters.pissa import pissa_init_
+
+            pissa_init_(self, name, init_lora_weights)
+            return
         if init_lora_weights is False:
             return  # nn.Linear's own random init for both: the output changes at step 0 (debugging only)
         if init_lora_weights == "gaussian":
@@ -99,12 +127,40 @@ class LoraLinear(nn.Module):
         """Remove adapter ``name`` (unmerging it first if merged) and free its weights."""
         if name in self.merged_adapters:
             self._unmerge_one(name)
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in table:
                 del table[name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self._norm_cache):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        """Set ``requires_grad`` on every weight of adapter ``name`` (A, B and the DoRA magnitude)."""
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in table:
+                table[name].requires_grad_(trainable)
+
+    def replace_base_layer(self, base_layer: nn.Module) -> None:
+        """Swap the frozen base layer for an equivalent one (e.g. its 4-bit version); adapters are kept.
+
+        Raises:
+            ConfigError: The new layer has other shapes, or adapters are merged into the old one.
+        """
+        if self.merged_adapters:
+            raise ConfigError(f"unmerge adapters {self.merged_adapters} before replacing the base layer")
+        if base_layer_shape(base_layer) != (self.in_features, self.out_features):
+            raise ConfigError(
+                f"replacement base layer has (in, out) = {base_layer_shape(base_layer)}, "
+                f"expected {(self.in_features, self.out_features)}"
+            )
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.clear_weight_caches()
+
+    def clear_weight_caches(self) -> None:
+        """Forget values derived from the base weight (call after changing it in place through ``.data``)."""
+        self._base_sq_norm = None
+        self._norm_cache.clear()
 
     def _base_device(self) -> torch.device:
         for tensor in (*self.base_layer.parameters(), *self.base_layer.buffers()):
@@ -120,15 +176,73 @@ class LoraLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return result + self._mixed_batch_delta(x).to(result.dtype)
+            return self._mixed_batch_output(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             x_adapter = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            if name in self.lora_magnitude_vector:
+                # DoRA reuses the base output (no second matmul with W0); dropout acts on the adapter input only,
+                # as for LoRA (PEFT instead recomputes the base path on the dropped x: docs/variants.md).
+                hidden = lora_a(x_adapter)  # [..., r]
+                scale = self.dora_scale(name)  # [out]
+                result = dora.dora_forward(
+                    result, hidden, lora_b.weight, scale, self.scaling[name], self._bias()
+                )
+                continue
             delta = lora_b(lora_a(x_adapter)) * self.scaling[name]  # [..., r] -> [..., out]
             result = result + delta.to(result.dtype)
         return result
+
+    # ----------------------------------------------------------------------------------------------- DoRA
+    def base_weight_rows(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for Conv1D; dequantized to fp32 if 4-bit)."""
+        if is_quantized(self.base_layer):
+            return self.base_layer.dequantize(torch.float32)
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def dora_weight_norm(self, name: str) -> torch.Tensor:
+        """``‖W + s·B A‖`` per output row for DoRA adapter ``name`` (W: the current base weight), ``[out]`` fp32.
+
+        Computed without grad (a constant in the gradient). ``‖W‖²`` is computed once per base weight; in no-grad
+        mode (inference) the norm is also cached, keyed by the versions of A, B and W (in-place changes through
+        ``.data`` bypass versions: call :meth:`clear_weight_caches` after them).
+        """
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        base_key = self._base_weight_key()
+        key = (
+            lora_a.data_ptr(),
+            lora_a._version,
+            lora_b.data_ptr(),
+            lora_b._version,
+            self.scaling[name],
+            base_key,
+        )
+        cached = self._norm_cache.get(name)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        weight = self.base_weight_rows()
+        if self._base_sq_norm is None or self._base_sq_norm[0] != base_key:
+            self._base_sq_norm = (base_key, dora.row_sq_norm(weight))
+        norm = dora.weight_norm(weight, lora_a, lora_b, self.scaling[name], self._base_sq_norm[1])
+        if not torch.is_grad_enabled():
+            self._norm_cache[name] = (key, norm)
+        return norm
+
+    def dora_scale(self, name: str) -> torch.Tensor:
+        """``k = m / n`` ([out], fp32): gradient flows to the magnitude ``m`` only (``n`` is a constant, §4.3)."""
+        norm = self.dora_weight_norm(name)
+        return dora.magnitude_scale(self.lora_magnitude_vector[name].weight, norm)
+
+    def _base_weight_key(self) -> tuple:
+        base = self.base_layer
+        tensor = base.weight_packed if is_quantized(base) else base.weight
+        return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
 
     def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adapters ``names`` stacked (ranks zero-padded to the largest) plus one all-zero slot for the base:
@@ -150,11 +264,13 @@ class LoraLinear(nn.Module):
             self._stack_cache = (key, stacked)
         return stacked
 
-    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row's own adapter output, for all rows at once (BGMV: gathered low-rank products).
 
-        ``x`` is ``[B, ..., in]`` with ``B == len(self.row_adapters)``; rows naming ``"__base__"`` (or an
-        adapter this layer does not have) get zero. No Python loop over rows or adapters.
+        ``x`` is ``[B, ..., in]`` with ``B == len(self.row_adapters)``, ``result`` the base output
+        ``[B, ..., out]``; rows naming ``"__base__"`` (or an adapter this layer does not have) get the base
+        output. DoRA rows are rescaled by their own ``k = m / n`` (1 for LoRA and base rows). No Python loop over
+        rows.
         """
         rows = self.row_adapters
         if x.shape[0] != len(rows):
@@ -163,7 +279,7 @@ class LoraLinear(nn.Module):
             )
         names = tuple(sorted({n for n in rows if n in self.lora_A}))
         if not names:
-            return torch.zeros((), device=x.device, dtype=x.dtype)
+            return result
         stack_a, stack_b, scale = self._stacked(names)
         slot = {n: i for i, n in enumerate(names)}
         index = torch.tensor([slot.get(n, len(names)) for n in rows], device=x.device)  # [B]
@@ -172,7 +288,14 @@ class LoraLinear(nn.Module):
         shrink = torch.bmm(x3, stack_a[index].transpose(1, 2))  # [B, T, r]
         expand = torch.bmm(shrink, stack_b[index].transpose(1, 2))  # [B, T, out]
         expand = expand * scale[index][:, None, None]
-        return expand.reshape(*shape[:-1], self.out_features)
+        delta = expand.reshape(*shape[:-1], self.out_features)
+        if not any(n in self.lora_magnitude_vector for n in names):
+            return result + delta.to(result.dtype)
+        ones = torch.ones(self.out_features, device=x.device, dtype=delta.dtype)
+        factors = [self.dora_scale(n) if n in self.lora_magnitude_vector else ones for n in names]
+        factor = torch.stack([*factors, ones])[index]  # [B, out]
+        factor = factor.reshape(shape[0], *([1] * (result.dim() - 2)), self.out_features)
+        return dora.dora_output(result, delta, factor, 1.0, self._bias())
 
     # ---------------------------------------------------------------------------------------------- merge
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -185,6 +308,9 @@ class LoraLinear(nn.Module):
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) into the base weight.
+
+        A DoRA adapter merges as ``W ← k ⊙ (W + ΔW)`` with ``k = m / ‖W0 + ΔW‖``, the norm taken on the base weight
+        without previously merged adapters (as its forward sees it) and cached for :meth:`unmerge`.
 
         Args:
             adapter_names (list[str] | None): Adapters to merge; already merged ones are skipped.
@@ -202,13 +328,22 @@ class LoraLinear(nn.Module):
         for name in adapter_names if adapter_names is not None else list(self.active_adapters):
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
-            merged = weight.data.float() + self.delta_weight(name)
+            delta = self.delta_weight(name)
+            if name in self.lora_magnitude_vector:
+                norm = self._merge_norm(self._unmerged_weight(), delta)
+                factor = dora.magnitude_scale(self.lora_magnitude_vector[name].weight.detach(), norm)
+                merged = dora.merged_weight(weight.data.float(), delta, factor, self.fan_in_fan_out)
+            else:
+                norm, merged = None, weight.data.float() + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise MergeError(
                     f"merging adapter {name!r} gives NaN or Inf weights; the base was left unchanged"
                 )
             weight.data.copy_(merged.to(weight.dtype))
+            if norm is not None:
+                self._merged_norm[name] = norm
             self.merged_adapters.append(name)
+            self.clear_weight_caches()
 
     def unmerge(self) -> None:
         """Subtract every merged delta from the base weight, in reverse merge order."""
@@ -217,8 +352,31 @@ class LoraLinear(nn.Module):
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        weight.data.copy_((weight.data.float() - self.delta_weight(name)).to(weight.dtype))
+        weight.data.copy_(self._unmerge_math(weight.data.float(), name).to(weight.dtype))
         self.merged_adapters.remove(name)
+        self._merged_norm.pop(name, None)
+        self.clear_weight_caches()
+
+    def _unmerge_math(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``weight`` (fp32, storage layout) with merged adapter ``name`` taken out."""
+        if name not in self._merged_norm:
+            return weight - self.delta_weight(name)
+        factor = dora.magnitude_scale(
+            self.lora_magnitude_vector[name].weight.detach(), self._merged_norm[name]
+        )
+        return dora.unmerged_weight(weight, self.delta_weight(name), factor, self.fan_in_fan_out)
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight (fp32, storage layout) with every merged adapter taken out, on a copy."""
+        weight = self.base_layer.weight.data.float()
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerge_math(weight, name)
+        return weight
+
+    def _merge_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``‖W + ΔW‖`` per output row, ``[out]``; both fp32 in storage layout."""
+        full = weight + delta
+        return torch.linalg.vector_norm(full, dim=0 if self.fan_in_fan_out else 1)
 
     def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
         """The base layer with the adapters' deltas merged in, as its original class.
@@ -230,12 +388,21 @@ class LoraLinear(nn.Module):
         if not is_quantized(self.base_layer):
             self.merge(names, safe_merge=True)
             self.merged_adapters.clear()  # the layer is about to leave this wrapper
+            self._merged_norm.clear()
             return self.base_layer
         base = self.base_layer
-        weight = base.dequantize(torch.float32)  # [out, in]
+        base_weight = base.dequantize(torch.float32)  # [out, in]
+        weight = base_weight
         for name in names:
-            if name in self.lora_A:
-                weight = weight + self.delta_weight(name)
+            if name not in self.lora_A:
+                continue
+            delta = self.delta_weight(name)
+            if name in self.lora_magnitude_vector:
+                norm = self._merge_norm(base_weight, delta)
+                factor = dora.magnitude_scale(self.lora_magnitude_vector[name].weight.detach(), norm)
+                weight = dora.merged_weight(weight, delta, factor, fan_in_fan_out=False)
+            else:
+                weight = weight + delta
         if not torch.isfinite(weight).all():
             raise MergeError(f"merging adapters {names} gives NaN or Inf weights")
         dtype = base.compute_dtype
@@ -250,7 +417,9 @@ class LoraLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
+        ranks = ", ".join(
+            f"{n}: r={self.r[n]}{', dora' if n in self.lora_magnitude_vector else ''}" for n in self.lora_A
+        )
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
 
 

@@ -1,0 +1,508 @@
+"""Model-level entry points for AdaLoRA and QR-LoRA: wrap, save, load, merge, count.
+
+Targets are found with :func:`lorakit.inject.resolve_targets` (PEFT's matching rules), each target is wrapped
+with its method's layer, base weights are frozen, and the config is kept in ``model.lorakit_configs`` like a
+LoRA adapter's. Files: AdaLoRA in PEFT's format (``peft_type: ADALORA``, keys
+``base_model.model.<path>.lora_A`` / ``lora_E`` / ``lora_B`` without ``.weight``, tensors trimmed to
+``rank_pattern``), so ``peft.PeftModel.from_pretrained`` loads them; QR-LoRA in lorakit's format
+(``peft_type: LORAKIT_QRLORA``, keys ``<path>.qr_lambda`` / ``qr_Q`` / ``qr_RP``), storing the frozen factors
+so loading needs no QR and no access to the exact base weights the factors came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.adapters.adalora import AdaLoraConfig, AdaLoraLinear
+from lorakit.adapters.base import AdapterLinear
+from lorakit.adapters.lora import LoraLinear, ModulesToSaveWrapper, base_layer_shape
+from lorakit.adapters.qrlora import QRLoraConfig, QRLoraLinear
+from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
+from lorakit.inject import (
+    _infer_task_type,
+    _set_submodule,
+    _wrap_modules_to_save,
+    adapter_configs,
+    adapter_state_dict,
+    resolve_targets,
+)
+from lorakit.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    read_adapter_weights,
+)
+
+PREFIX = "base_model.model."
+
+
+# ------------------------------------------------------------------------------------------------- walking
+def variant_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """Every ``(path, layer)`` of an AdaLoRA or QR-LoRA wrapper in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+@contextlib.contextmanager
+def _bases_in_place(model: nn.Module) -> Iterator[None]:
+    """Put each variant wrapper's base layer back at its path while targets are resolved, so a second adapter
+    finds the modules the first one wrapped (``resolve_targets`` sees through ``LoraLinear`` only)."""
+    wrappers = list(variant_layers(model))
+    for path, layer in wrappers:
+        _set_submodule(model, path, layer.base_layer)
+    try:
+        yield
+    finally:
+        for path, layer in wrappers:
+            _set_submodule(model, path, layer)
+
+
+def _target_paths(model: nn.Module, config, strict: bool) -> list[str]:
+    with _bases_in_place(model):
+        return resolve_targets(model, config, strict=strict)
+
+
+def _begin(model: nn.Module, config, adapter_name: str) -> bool:
+    """Check the adapter name, fill in task type and base name; returns whether this is the first adapter."""
+    configs = adapter_configs(model)
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name or "") or adapter_name == "__base__":
+        raise ConfigError(
+            f"adapter_name must be letters, digits, '_' or '-' (not '__base__'), got {adapter_name!r}"
+        )
+    if adapter_name in configs:
+        raise ConfigError(
+            f"an adapter named {adapter_name!r} is already on this model; pick another name (present: {sorted(configs)})"
+        )
+    if config.task_type is None:
+        config.task_type = _infer_task_type(model)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    if not configs:
+        model.requires_grad_(False)
+    return not configs
+
+
+def _wrapper_at(model: nn.Module, path: str, cls: type[AdapterLinear]) -> AdapterLinear:
+    module = model.get_submodule(path)
+    if isinstance(module, cls):
+        return module
+    if isinstance(module, (LoraLinear, AdapterLinear)):
+        raise ConfigError(
+            f"{path} already holds {type(module).__name__} adapters; lorakit does not mix adapter methods on one "
+            "layer: merge the other adapter first (merge_and_unload) or target other modules"
+        )
+    layer = cls(module)
+    _set_submodule(model, path, layer)
+    return layer
+
+
+def _finish(model: nn.Module, config, adapter_name: str, first: bool) -> nn.Module:
+    _wrap_modules_to_save(model, config, adapter_name, trainable=first)
+    adapter_configs(model)[adapter_name] = config
+    if first:
+        activate(model, adapter_name, trainable=True)
+    return model
+
+
+def activate(model: nn.Module, adapter_name: str, trainable: bool = True) -> None:
+    """Make ``adapter_name`` the one active variant adapter (and its ``modules_to_save`` copies).
+
+    Args:
+        model (nn.Module): A model wrapped with :func:`wrap_adalora` / :func:`wrap_qrlora`.
+        adapter_name (str): The adapter to use.
+        trainable (bool): Its weights get ``requires_grad``; every other adapter's are frozen. Default True.
+    """
+    for _, layer in variant_layers(model):
+        layer.active_adapters = [adapter_name] if adapter_name in layer.adapter_names() else []
+        for name in layer.adapter_names():
+            layer.set_trainable(name, trainable and name == adapter_name)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.active_adapter = adapter_name if adapter_name in module.modules_to_save else None
+            for name, copy in module.modules_to_save.items():
+                copy.requires_grad_(trainable and name == adapter_name)
+
+
+# ------------------------------------------------------------------------------------------------- wrapping
+def wrap_adalora(
+    model: nn.Module,
+    config: AdaLoraConfig,
+    adapter_name: str = "default",
+    ranks: dict[str, int] | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Add an AdaLoRA adapter to ``model`` in place (the first adapter is active and trainable).
+
+    Args:
+        model (nn.Module): Any Hugging Face (or plain torch) model.
+        config (AdaLoraConfig): The adapter's configuration.
+        adapter_name (str): Unique name. Default ``"default"``.
+        ranks (dict[str, int] | None): Module path -> rank, for loading pruned adapters; default ``init_r``.
+            The scale always divides by ``init_r`` (PEFT's ``ranknum``).
+        strict (bool): Refuse listed target names that match nothing. Default True.
+
+    Returns:
+        nn.Module: The same ``model``. Train it with :class:`lorakit.adapters.rank_allocator.AdaLoraController`.
+    """
+    first = _begin(model, config, adapter_name)
+    paths = _target_paths(model, config, strict)
+    config.fan_in_fan_out = any(isinstance(model.get_submodule(p), Conv1D) for p in paths)
+    for path in paths:
+        layer = _wrapper_at(model, path, AdaLoraLinear)
+        r = (ranks or {}).get(path, config.init_r)
+        alpha, dropout, init = config.lora_alpha, config.lora_dropout, config.init_lora_weights
+        layer.add_adapter(adapter_name, r, alpha, dropout, init, ranknum=config.init_r)
+        layer.set_trainable(adapter_name, first)
+    return _finish(model, config, adapter_name, first)
+
+
+def wrap_qrlora(
+    model: nn.Module,
+    config: QRLoraConfig,
+    adapter_name: str = "default",
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Add a QR-LoRA adapter to ``model`` in place: a pivoted QR of each target's base weight, λ = 0.
+
+    Args:
+        model (nn.Module): Any Hugging Face (or plain torch) model.
+        config (QRLoraConfig): The adapter's configuration.
+        adapter_name (str): Unique name. Default ``"default"``.
+        factors (dict[str, tuple[Tensor, Tensor]] | None): Module path -> ``(Q_r [out, r], (R Pᵀ)_r [r, in])``
+            to use instead of computing the QR (loading). Default None.
+        strict (bool): Refuse listed target names that match nothing. Default True.
+
+    Returns:
+        nn.Module: The same ``model``.
+    """
+    first = _begin(model, config, adapter_name)
+    for path in _target_paths(model, config, strict):
+        layer = _wrapper_at(model, path, QRLoraLinear)
+        if factors is None:
+            layer.init_from_base(adapter_name, config)
+        else:
+            layer.add_adapter(adapter_name, *factors[path], config.alpha)
+        layer.set_trainable(adapter_name, first)
+    return _finish(model, config, adapter_name, first)
+
+
+def count_qrlora_parameters(model: nn.Module, config: QRLoraConfig) -> int:
+    """Trainable parameters of a QR-LoRA adapter with a fixed ``r``: ``Σ min(r, out, in)`` over its targets.
+
+    Needs only module shapes, so it works on a model built on the meta device (where no QR can run).
+
+    Raises:
+        ConfigError: ``config.r`` is not set (the energy rule needs the weights).
+    """
+    if config.r is None:
+        raise ConfigError("count_qrlora_parameters needs a fixed QRLoraConfig.r; tau needs the real weights")
+    shapes = [base_layer_shape(model.get_submodule(p)) for p in _target_paths(model, config, strict=True)]
+    return sum(min(config.r, *shape) for shape in shapes)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def adalora_state_dict(
+    model: nn.Module, adapter_name: str = "default", trim: bool = True
+) -> dict[str, torch.Tensor]:
+    """AdaLoRA tensors under PEFT's file keys (``base_model.model.<path>.lora_A``, no ``.weight``).
+
+    Args:
+        model (nn.Module): A model with the adapter.
+        adapter_name (str): Which adapter. Default ``"default"``.
+        trim (bool): Keep only the components ``rank_pattern`` keeps (what PEFT saves). False: every
+            component, untouched (training checkpoints). Default True.
+    """
+    pattern = (adapter_configs(model)[adapter_name].rank_pattern or {}) if trim else {}
+    state = {}
+    for path, layer in variant_layers(model):
+        if not isinstance(layer, AdaLoraLinear) or adapter_name not in layer.lora_A:
+            continue
+        a, e, b = (layer.lora_A[adapter_name], layer.lora_E[adapter_name], layer.lora_B[adapter_name])
+        keep = pattern.get(f"{path}.lora_E")
+        if keep is not None and len(keep) == a.shape[0] and sum(keep) != a.shape[0]:
+            index = torch.tensor(keep, device=a.device)
+            a, e, b = a[index], e[index], b[:, index]
+        state.update({f"{PREFIX}{path}.lora_A": a, f"{PREFIX}{path}.lora_E": e, f"{PREFIX}{path}.lora_B": b})
+    return {**state, **adapter_state_dict(model, adapter_name)}  # + modules_to_save copies
+
+
+def qrlora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """QR-LoRA tensors: ``<prefix><path>.qr_lambda`` [r], ``.qr_Q`` [out, r], ``.qr_RP`` [r, in]."""
+    state = {}
+    for path, layer in variant_layers(model):
+        if isinstance(layer, QRLoraLinear) and adapter_name in layer.qr_lambda:
+            factors = layer.qr_factors[adapter_name]
+            state[f"{PREFIX}{path}.qr_lambda"] = layer.qr_lambda[adapter_name]
+            state[f"{PREFIX}{path}.qr_Q"] = factors.Q
+            state[f"{PREFIX}{path}.qr_RP"] = factors.RP
+    return {**state, **adapter_state_dict(model, adapter_name)}
+
+
+def _save(tensors: dict[str, torch.Tensor], config: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def _config_of(model: nn.Module, adapter_name: str, cls: type):
+    config = adapter_configs(model).get(adapter_name)
+    if not isinstance(config, cls):
+        raise ConfigError(
+            f"no {cls.__name__.removesuffix('Config')} adapter named {adapter_name!r} on this model"
+        )
+    return config
+
+
+def save_adalora(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trim: bool = True
+) -> Path:
+    """Save an AdaLoRA adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).
+
+    Args:
+        model (nn.Module): A model with the adapter.
+        path (str | PathLike): Output directory.
+        adapter_name (str): Which adapter. Default ``"default"``.
+        trim (bool): Drop the components ``rank_pattern`` prunes, as PEFT does. ``False`` keeps all of them
+            (training checkpoints, which :func:`load_adalora` reads back exactly; PEFT does not). Default True.
+    """
+    config = _config_of(model, adapter_name, AdaLoraConfig)
+    return _save(adalora_state_dict(model, adapter_name, trim=trim), config.to_peft_dict(), path)
+
+
+def save_qrlora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Save a QR-LoRA adapter (λ and the frozen factors) in lorakit's format."""
+    config = _config_of(model, adapter_name, QRLoraConfig)
+    return _save(qrlora_state_dict(model, adapter_name), config.to_dict(), path)
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The raw ``adapter_config.json`` of an adapter directory.
+
+    Raises:
+        AdapterFileError: Missing, not JSON, or not an object.
+    """
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(
+            f"{config_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _copy_tensors(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy file tensors into the model's, refusing unknown, missing or mis-shaped keys (first mismatch)."""
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise AdapterMismatchError(
+            f"{source}: tensor {unknown[0]!r} has no place in this model (is it the base model the adapter was "
+            f"trained on?); the model's adapter keys look like {next(iter(sorted(expected)), '(none)')!r}"
+        )
+    for key in sorted(expected):
+        if key not in weights:
+            raise AdapterMismatchError(f"{source}: tensor {key!r} is missing from the adapter file")
+        if tuple(expected[key].shape) != tuple(weights[key].shape):
+            raise AdapterMismatchError(
+                f"{source}: {key!r} has shape {tuple(weights[key].shape)} but this model expects "
+                f"{tuple(expected[key].shape)}"
+            )
+        with torch.no_grad():
+            expected[key].copy_(weights[key].to(device=expected[key].device, dtype=expected[key].dtype))
+
+
+def _finish_load(model: nn.Module, adapter_name: str, is_trainable: bool, activate_it: bool) -> nn.Module:
+    if activate_it:
+        activate(model, adapter_name, trainable=is_trainable)
+    else:
+        for _, layer in variant_layers(model):
+            if adapter_name in layer.adapter_names():
+                layer.set_trainable(adapter_name, is_trainable)
+    return model
+
+
+def load_adalora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    activate: bool = True,
+) -> nn.Module:
+    """Load an AdaLoRA adapter saved by lorakit or PEFT (ranks per matrix as in the file).
+
+    Raises:
+        AdapterFileError: Missing or corrupt files.
+        ConfigError: Not an AdaLoRA adapter.
+        AdapterMismatchError: The tensors do not fit the model (first mismatch).
+    """
+    source = Path(path) / WEIGHTS_NAME
+    config = AdaLoraConfig.from_peft_dict(read_config_json(path), source=str(Path(path) / CONFIG_NAME))
+    weights = read_adapter_weights(path)
+    ranks = {
+        key[len(PREFIX) : -len(".lora_A")]: int(value.shape[0])
+        for key, value in weights.items()
+        if key.startswith(PREFIX) and key.endswith(".lora_A")
+    }
+    wrap_adalora(model, config, adapter_name, ranks=ranks, strict=False)
+    _copy_tensors(adalora_state_dict(model, adapter_name, trim=False), weights, source)
+    return _finish_load(model, adapter_name, is_trainable, activate)
+
+
+def load_qrlora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    activate: bool = True,
+) -> nn.Module:
+    """Load a QR-LoRA adapter: λ and the stored factors (no QR runs).
+
+    Raises:
+        AdapterFileError: Missing or corrupt files.
+        ConfigError: Not a QR-LoRA adapter.
+        AdapterMismatchError: A target's factors are missing or do not fit the model.
+    """
+    source = Path(path) / WEIGHTS_NAME
+    config = QRLoraConfig.from_dict(read_config_json(path), source=str(Path(path) / CONFIG_NAME))
+    weights = read_adapter_weights(path)
+    factors = {}
+    for target in _target_paths(model, config, strict=False):
+        q, rp = weights.get(f"{PREFIX}{target}.qr_Q"), weights.get(f"{PREFIX}{target}.qr_RP")
+        if q is None or rp is None:
+            raise AdapterMismatchError(
+                f"{source}: the factors of {target!r} are missing from the adapter file"
+            )
+        module = model.get_submodule(target)
+        in_features, out_features = base_layer_shape(getattr(module, "base_layer", module))
+        if rp.ndim != 2 or rp.shape[1] != in_features or q.shape != (out_features, rp.shape[0]):
+            raise AdapterMismatchError(
+                f"{source}: {target} has factors qr_Q {tuple(q.shape)} and qr_RP {tuple(rp.shape)}, but the layer needs "
+                f"[{out_features}, r] and [r, {in_features}]"
+            )
+        factors[target] = (q, rp)
+    wrap_qrlora(model, config, adapter_name, factors=factors, strict=False)
+    _copy_tensors(qrlora_state_dict(model, adapter_name), weights, source)
+    return _finish_load(model, adapter_name, is_trainable, activate)
+
+
+# What io.load_adapter dispatches to, by the file's peft_type.
+LOADERS = {"ADALORA": load_adalora, "LORAKIT_QRLORA": load_qrlora}
+
+
+def save_variant(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trim: bool = True
+) -> Path:
+    """Save an AdaLoRA or QR-LoRA adapter in its format (``trim``: see :func:`save_adalora`).
+
+    Raises:
+        ConfigError: ``adapter_name`` is not an AdaLoRA or QR-LoRA adapter of ``model``.
+    """
+    config = adapter_configs(model).get(adapter_name)
+    if isinstance(config, AdaLoraConfig):
+        return save_adalora(model, path, adapter_name, trim=trim)
+    if isinstance(config, QRLoraConfig):
+        return save_qrlora(model, path, adapter_name)
+    raise ConfigError(f"{adapter_name!r} is not an AdaLoRA or QR-LoRA adapter of this model")
+
+
+def checkpoint_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Every tensor of adapter ``adapter_name`` under its file key, untrimmed (what a checkpoint restores)."""
+    config = adapter_configs(model).get(adapter_name)
+    if isinstance(config, AdaLoraConfig):
+        return adalora_state_dict(model, adapter_name, trim=False)
+    if isinstance(config, QRLoraConfig):
+        return qrlora_state_dict(model, adapter_name)
+    return adapter_state_dict(model, adapter_name)
+
+
+def load_variant(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    activate: bool = True,
+) -> nn.Module:
+    """Load an AdaLoRA or QR-LoRA adapter, by the ``peft_type`` of its ``adapter_config.json``.
+
+    Raises:
+        ConfigError: The directory holds another kind of adapter.
+    """
+    peft_type = read_config_json(path).get("peft_type")
+    if peft_type not in LOADERS:
+        raise ConfigError(
+            f"{Path(path) / CONFIG_NAME}: peft_type {peft_type!r} is not one of {sorted(LOADERS)}"
+        )
+    return LOADERS[peft_type](model, path, adapter_name, is_trainable=is_trainable, activate=activate)
+
+
+# ---------------------------------------------------------------------------------------------------- merge
+def merge_variants(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Merge the active (or named) variant adapters into the float base weights, reversibly."""
+    for _, layer in variant_layers(model):
+        layer.merge(adapter_names, safe_merge=True)
+
+
+def unmerge_variants(model: nn.Module) -> None:
+    """Undo :func:`merge_variants`."""
+    for _, layer in variant_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload_variants(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge the active (or named) variant adapters and remove every wrapper: a plain model.
+
+    A 4-bit base is dequantized once into ``nn.Linear`` in its compute dtype and merged exactly.
+    """
+    layers = list(variant_layers(model))
+    if adapter_names is None:
+        adapter_names = list(layers[0][1].active_adapters) if layers else []
+    for path, layer in layers:
+        _set_submodule(model, path, layer.merged_base_layer(adapter_names))
+    keep = adapter_names[0] if adapter_names else None
+    for path, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            inner = module.modules_to_save[keep] if keep in module.modules_to_save else module.original_module  # noqa: SIM401
+            _set_submodule(model, path, inner)
+    adapter_configs(model).clear()
+    return model
+
+
+__all__ = [
+    "LOADERS",
+    "activate",
+    "adalora_state_dict",
+    "checkpoint_state_dict",
+    "count_qrlora_parameters",
+    "load_adalora",
+    "load_qrlora",
+    "load_variant",
+    "merge_and_unload_variants",
+    "merge_variants",
+    "qrlora_state_dict",
+    "read_config_json",
+    "save_adalora",
+    "save_qrlora",
+    "save_variant",
+    "unmerge_variants",
+    "variant_layers",
+    "wrap_adalora",
+    "wrap_qrlora",
+]
