@@ -23,6 +23,7 @@ from lorakit.inject import adapter_configs, adapter_state_dict, mark_trainable, 
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+INT8_WEIGHTS_NAME = "adapter_model.int8.safetensors"  # lorakit's int8 adapters (lorakit.compress)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -105,12 +106,17 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
 
 
 def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` (never a pickled ``.bin``).
+    """Read ``adapter_model.safetensors`` (never a pickled ``.bin``), or else lorakit's int8
+    ``adapter_model.int8.safetensors`` dequantized to fp32 (:mod:`lorakit.compress`).
 
     Raises:
         AdapterFileError: Missing, or not a readable safetensors file.
     """
     weights_path = Path(path) / WEIGHTS_NAME
+    if not weights_path.is_file() and (Path(path) / INT8_WEIGHTS_NAME).is_file():
+        from lorakit.compress import read_int8_weights  # compress builds on this module: import it here
+
+        return read_int8_weights(path)
     if not weights_path.is_file():
         hint = (
             " (a pickled adapter_model.bin is never loaded: convert it to safetensors)"
@@ -154,7 +160,8 @@ def load_adapter(
     # strict=False: configs in the wild list names for several architectures; the key check below is exact.
     wrap(model, config, adapter_name=adapter_name, strict=False)
     try:
-        _copy_weights(model, adapter_name, weights, Path(path) / WEIGHTS_NAME)
+        name = WEIGHTS_NAME if (Path(path) / WEIGHTS_NAME).is_file() else INT8_WEIGHTS_NAME
+        _copy_weights(model, adapter_name, weights, Path(path) / name)
     except AdapterMismatchError:
         from lorakit.inject import delete_adapter
 
