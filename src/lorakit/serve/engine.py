@@ -9,11 +9,7 @@ Requests wait in a bounded queue. A scheduler thread owns the model and loops:
 3. sample one token per row; rows that hit a stop token or their ``max_tokens`` leave and their callers are
    answered.
 
-KV cache: the running batch keeps one left-padded transformers ``DynamicCache`` ``[B, kv_heads, L, head_dim]``
-per layer with a 2-D attention mask ``[B, L]`` (0 on the padding) and explicit ``position_ids`` per row, so a
-row's rotary positions and attention are exactly those of the request served alone. The cache is rebuilt
-only when rows join (padding everyone to the longest) or leave (dropping their rows and the columns that
-became all padding); a plain decode step appends one column in place.
+The running batch, its left-padded KV cache and per-row sampling are in :mod:`lorakit.serve.batch`.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
-import random
 import re
 import threading
 from dataclasses import dataclass
@@ -29,14 +24,13 @@ from pathlib import Path
 from queue import SimpleQueue
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from lorakit.data import stop_token_ids
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.inject import BASE, adapter_configs, batch_adapters, delete_adapter, lora_layers
+from lorakit.inject import adapter_configs, delete_adapter, lora_layers
 from lorakit.io import load_adapter, read_adapter_config
+from lorakit.serve.batch import Batch, Row, prefill, sample_next
 
 log = logging.getLogger("lorakit.serve")
 
@@ -166,121 +160,6 @@ class RequestHandle:
         return self.completion
 
 
-class _TextStream:
-    """Incremental detokenization: each new token's text without decoding the whole answer every step.
-
-    Decodes a short window ``tokens[prefix:]`` and emits what it adds over ``tokens[prefix:read]`` (a window
-    start keeps merges such as leading spaces right); holds back text ending in an incomplete UTF-8 sequence.
-    """
-
-    def __init__(self, decode) -> None:
-        self.decode, self.tokens, self.prefix, self.read, self.sent = decode, [], 0, 0, ""
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        before = self.decode(self.tokens[self.prefix : self.read])
-        after = self.decode(self.tokens[self.prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.tokens)
-        self.sent += after[len(before) :]
-        return after[len(before) :]
-
-
-@dataclass(eq=False)
-class _Row:
-    """A running request: its handle, generated ids, random generator and (streaming) text state."""
-
-    handle: RequestHandle
-    generator: torch.Generator | None
-    stream: _TextStream | None
-    generated: list[int]
-
-
-class _Batch:
-    """The running rows and their left-padded KV cache.
-
-    ``mask`` [B, L] long (0 = padding), ``positions`` [B] (position id of each row's next input token),
-    ``tokens`` [B] (each row's next input token), ``cache`` a DynamicCache with ``[B, kv_heads, L, d]`` per layer.
-    """
-
-    def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask = self.positions = self.tokens = None
-
-    def join(self, new: list[tuple[_Row, DynamicCache]]) -> None:
-        """Add prefilled rows: everyone is left-padded to the longest cache (one rebuild for all joins)."""
-        parts = [(self.cache, self.mask)] if self.rows else []
-        for _, cache in new:
-            length = cache.get_seq_length()
-            parts.append((cache, torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device)))
-        width = max(mask.shape[1] for _, mask in parts)
-        layers = []
-        for i in range(len(parts[0][0].layers)):
-            keys = [_pad_left(c.layers[i].keys, width - m.shape[1]) for c, m in parts]
-            values = [_pad_left(c.layers[i].values, width - m.shape[1]) for c, m in parts]
-            layers.append((torch.cat(keys), torch.cat(values)))  # [B, kv_heads, width, d]
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m in parts])  # [B, width]
-        device, running = self.mask.device, bool(self.rows)
-        # a new row's next input is its first generated token, at the position right after its prompt
-        starts = torch.tensor([len(row.handle.request.prompt_ids) for row, _ in new], device=device)
-        firsts = torch.tensor([row.generated[-1] for row, _ in new], device=device)
-        self.positions = torch.cat([self.positions, starts]) if running else starts
-        self.tokens = torch.cat([self.tokens, firsts]) if running else firsts
-        self.rows += [row for row, _ in new]
-
-    def keep(self, index: list[int]) -> None:
-        """Keep only rows ``index`` (in order), dropping columns that are padding for every kept row."""
-        if not index:
-            self.__init__()
-            return
-        self.rows = [self.rows[i] for i in index]
-        select = torch.tensor(index, device=self.mask.device)
-        mask = self.mask[select]
-        trim = int(mask.any(0).int().argmax())  # leading columns that are padding in every kept row
-        self.mask = mask[:, trim:]
-        self.positions, self.tokens = self.positions[select], self.tokens[select]
-        layers = [
-            (layer.keys[select, :, trim:], layer.values[select, :, trim:]) for layer in self.cache.layers
-        ]
-        self.cache = DynamicCache(ddp_cache_data=layers)
-
-    def step(self, model: nn.Module) -> torch.Tensor:
-        """One decode step for every row in one forward; returns next-token logits [B, vocab] in fp32."""
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)  # [B, L + 1]
-        names = [row.handle.request.adapter or BASE for row in self.rows]
-        with batch_adapters(model, names):
-            out = model(
-                input_ids=self.tokens[:, None],  # [B, 1]
-                attention_mask=mask,
-                position_ids=self.positions[:, None],  # [B, 1]
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
-        return out.logits[:, -1].float()
-
-
-def _pad_left(states: torch.Tensor, n: int) -> torch.Tensor:
-    # [B, h, T, d] -> [B, h, n + T, d]; the zeros are masked out, so their value never matters
-    return F.pad(states, (0, 0, n, 0)) if n else states
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Sample one token id from ``logits`` [vocab] (fp32) with temperature and nucleus (top-p) filtering.
-
-    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` (Holtzman et al.
-    2019), as in transformers' ``TopPLogitsWarper``.
-    """
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # mass before this token already reaches top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-
-
 def resolve_adapter_path(root: str | Path | None, path: str) -> Path:
     """The adapter directory ``path`` names, confined to ``root``.
 
@@ -339,7 +218,7 @@ class Engine:
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._batch = _Batch()
+        self._batch = Batch()
         # counters for tests and benchmarks: most rows in one decode step, steps, rows over all steps
         self.peak_batch = self.decode_steps = self.decoded_rows = 0
 
@@ -517,7 +396,7 @@ class Engine:
             except Exception as err:  # a failed forward must not take the server down: fail its requests
                 log.exception("serving step failed")
                 failed = [row.handle for row in self._batch.rows] + admitted
-                self._batch = _Batch()
+                self._batch = Batch()
                 for handle in failed:
                     self._answer(handle, "error", RuntimeError(f"generation failed: {err}"))
         self._fail_all(EngineClosedError("the server is shutting down"))
@@ -532,22 +411,11 @@ class Engine:
             if handle.cancelled:
                 self._answer(handle, None, None)
                 continue
-            request = handle.request
-            generator = None
-            if request.temperature > 0:
-                seed = request.seed if request.seed is not None else random.randrange(2**63)
-                generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
-            row = _Row(handle, generator, _TextStream(self._decode) if request.stream else None, [])
+            row = Row.start(handle, self._decode, self.device)
             try:
-                with batch_adapters(self.model, [request.adapter or BASE]):
-                    out = self.model(
-                        input_ids=torch.tensor([request.prompt_ids], device=self.device),  # [1, T]
-                        past_key_values=DynamicCache(),
-                        use_cache=True,
-                        **self._last_logits_only,
-                    )
-                if not self._advance(row, out.logits[0, -1].float()):
-                    joining.append((row, out.past_key_values))
+                logits, cache = prefill(self.model, handle.request, self.device, **self._last_logits_only)
+                if not self._advance(row, logits):
+                    joining.append((row, cache))
             except Exception as err:
                 log.exception("prefill failed")
                 self._answer(handle, "error", RuntimeError(f"prefill failed: {err}"))
@@ -572,13 +440,10 @@ class Engine:
         if keep:
             batch.tokens = torch.tensor(next_tokens, device=batch.mask.device)
 
-    def _advance(self, row: _Row, logits: torch.Tensor, greedy: int | None = None) -> bool:
+    def _advance(self, row: Row, logits: torch.Tensor, greedy: int | None = None) -> bool:
         """Choose ``row``'s next token from ``logits`` [vocab]; stream it; answer the row if it is done."""
         request = row.handle.request
-        if request.temperature > 0:
-            token = sample_next(logits, request.temperature, request.top_p, row.generator)
-        else:
-            token = greedy if greedy is not None else int(logits.argmax())
+        token = row.choose(logits, greedy)
         row.generated.append(token)
         stopped = token in self.stop_ids and not request.ignore_eos
         if row.stream is not None and not stopped:
@@ -615,7 +480,7 @@ class Engine:
     def _fail_all(self, error: Exception) -> None:
         with self._cond:
             waiting, self._queue = list(self._queue), collections.deque()
-        running, self._batch = [row.handle for row in self._batch.rows], _Batch()
+        running, self._batch = [row.handle for row in self._batch.rows], Batch()
         for handle in waiting + running:
             self._answer(handle, "error", error)
 

@@ -10,7 +10,8 @@ Routes (one table, :attr:`_Handler.ROUTES`)::
     GET    /health                  {"status": "ok"}
 
 ``model`` names an adapter or the base model (its id is the model directory's name unless ``model_name``
-is set). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+is set). Request validation, error mapping and the response bodies are in :mod:`lorakit.serve.openai`; this
+module is the transport: routing, bodies, keys, server-sent events, and the :class:`Server` lifecycle.
 """
 
 from __future__ import annotations
@@ -21,36 +22,29 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
-from lorakit.errors import (
-    AdapterFileError,
-    AdapterMismatchError,
-    ConfigError,
-    LorakitError,
-    TargetModuleError,
-)
-from lorakit.serve.engine import (
-    ADAPTER_NAME,
-    AdapterConflictError,
-    AdapterPathError,
-    Completion,
-    Engine,
-    EngineClosedError,
-    EngineConfig,
-    GenerationRequest,
-    QueueFullError,
-    RequestHandle,
-    UnknownModelError,
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.serve.engine import ADAPTER_NAME, Engine, EngineConfig, GenerationRequest, RequestHandle
+from lorakit.serve.openai import (
+    HTTPError,
+    body_field,
+    chat_messages,
+    check_value,
+    completion_response,
+    error_for,
+    generation_request,
+    require_body,
+    response_head,
+    stream_chunk,
+    usage,
 )
 
 log = logging.getLogger("lorakit.serve")
-_REQUIRED = object()
 
 
 @dataclass(kw_only=True)
@@ -97,65 +91,6 @@ class ServeConfig(EngineConfig):
             raise ConfigError(f"dtype: expected bfloat16, float16 or float32, got {self.dtype!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: expected >= 1024, got {self.max_body_bytes}")
-
-
-class HTTPError(Exception):
-    """An answer other than 200, in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind, self.headers = kind, headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _field(body: dict, name: str, kinds: tuple[type, ...], default=_REQUIRED):
-    """``body[name]`` checked against ``kinds`` (a bool is never taken for a number); 400 otherwise."""
-    value = body.get(name)
-    if value is None:
-        if default is _REQUIRED:
-            raise HTTPError(400, f"'{name}' is required", name, "missing_required_parameter")
-        return default
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        expected = " or ".join(k.__name__ for k in kinds)
-        raise HTTPError(
-            400, f"'{name}': expected {expected}, got {type(value).__name__}", name, "invalid_type"
-        )
-    return value
-
-
-def _check_range(ok: bool, name: str, expected: str, value) -> None:
-    if not ok:
-        raise HTTPError(400, f"'{name}': expected {expected}, got {value!r}", name, "invalid_value")
-
-
-def _error_for(err: Exception) -> HTTPError:
-    """The HTTP answer for an engine error."""
-    if isinstance(err, QueueFullError):
-        return HTTPError(429, str(err), None, "rate_limit_exceeded", "requests", {"Retry-After": "1"})
-    if isinstance(err, EngineClosedError):
-        return HTTPError(503, str(err), None, "service_unavailable", "server_error")
-    if isinstance(err, UnknownModelError):
-        return HTTPError(404, str(err), "model", "model_not_found")
-    if isinstance(err, (AdapterConflictError, TimeoutError)):
-        return HTTPError(409, str(err), "name", "conflict")
-    if isinstance(err, AdapterPathError):
-        return HTTPError(400, str(err), "path", "invalid_adapter_path")
-    if isinstance(err, (AdapterFileError, AdapterMismatchError, TargetModuleError)):
-        return HTTPError(400, str(err), "path", "invalid_adapter")
-    if isinstance(err, LorakitError):  # lorakit raises these on bad input only
-        return HTTPError(400, str(err), None, "invalid_value")
-    return HTTPError(500, f"internal error: {err}", None, None, "server_error")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -280,11 +215,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _load_adapter(self, app: Server, body: dict | None, arg: str | None) -> None:
         body = body or {}
-        name, path = _field(body, "name", (str,)), _field(body, "path", (str,))
+        name, path = body_field(body, "name", (str,)), body_field(body, "path", (str,))
         if app.config.adapter_root is None:
             raise HTTPError(403, "loading adapters at run time is disabled: start the server with an adapter "
                             "root (--adapter-root DIR)", "path", "adapter_loading_disabled")  # fmt: skip
-        _check_range(ADAPTER_NAME.fullmatch(name) is not None, "name", "1-64 of A-Z a-z 0-9 . _ -", name)
+        check_value(ADAPTER_NAME.fullmatch(name) is not None, "name", "1-64 of A-Z a-z 0-9 . _ -", name)
         if name == app.model_id:
             raise HTTPError(409, f"{name!r} is the base model's id; choose another name", "name", "conflict")
         try:
@@ -292,29 +227,29 @@ class _Handler(BaseHTTPRequestHandler):
         except ConfigError as err:  # the name is valid, so the path is at fault
             raise HTTPError(400, str(err), "path", "invalid_value") from None
         except LorakitError as err:
-            raise _error_for(err) from None
+            raise error_for(err) from None
         self._send_json(201, app.model_card(name))
 
     def _unload_adapter(self, app: Server, body: dict | None, arg: str | None) -> None:
         try:
             app.engine.unload_adapter(arg)
         except (LorakitError, TimeoutError) as err:
-            raise _error_for(err) from None
+            raise error_for(err) from None
         self._send_json(200, {"id": arg, "object": "model", "deleted": True})
 
     def _completions(self, app: Server, body: dict | None, arg: str | None) -> None:
-        body = _require_body(body)
-        prompt = _field(body, "prompt", (str, list))
+        body = require_body(body)
+        prompt = body_field(body, "prompt", (str, list))
         if isinstance(prompt, list):  # OpenAI allows a batch of prompts; one per request here
-            _check_range(len(prompt) == 1 and isinstance(prompt[0], str), "prompt", "a string", prompt)
+            check_value(len(prompt) == 1 and isinstance(prompt[0], str), "prompt", "a string", prompt)
             prompt = prompt[0]
         ids = app.engine.encode(prompt, add_special_tokens=True)
         request = app.generation_request(body, ids, "prompt", default_max_tokens=16)
         self._answer(app, body, request, chat=False)
 
     def _chat_completions(self, app: Server, body: dict | None, arg: str | None) -> None:
-        body = _require_body(body)
-        messages = _messages(_field(body, "messages", (list,)))
+        body = require_body(body)
+        messages = chat_messages(body_field(body, "messages", (list,)))
         try:
             text = app.engine.render_chat(messages)
         except ConfigError as err:
@@ -328,39 +263,18 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             handle = app.engine.submit(request)
         except LorakitError as err:
-            raise _error_for(err) from None
-        head = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": body["model"],
-        }
+            raise error_for(err) from None
+        head = response_head(body["model"], chat, request.stream)
         if not request.stream:
             try:
                 done = handle.result()
             except Exception as err:  # the engine closed (503) or the forward failed (500)
-                raise _error_for(err) from None
-            choice = {"index": 0, "finish_reason": done.finish_reason}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": done.text}
-            else:
-                choice.update(text=done.text, logprobs=None)
-            self._send_json(200, {**head, "choices": [choice], "usage": _usage(done)})
+                raise error_for(err) from None
+            self._send_json(200, completion_response(head, done, chat))
             return
         self._stream(handle, head, chat, bool((body.get("stream_options") or {}).get("include_usage")))
 
     def _stream(self, handle: RequestHandle, head: dict, chat: bool, include_usage: bool) -> None:
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else {}
-                delta.update({} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {**head, "choices": [choice]}
-
         self._streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -369,16 +283,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             if chat:
-                self._send_event(chunk(None, None, role=True))
+                self._send_event(stream_chunk(head, chat, None, None, role=True))
             try:
                 for piece in handle:
-                    self._send_event(chunk(piece, None))
+                    self._send_event(stream_chunk(head, chat, piece, None))
                 done = handle.completion
-                self._send_event(chunk(None, done.finish_reason))
+                self._send_event(stream_chunk(head, chat, None, done.finish_reason))
                 if include_usage:
-                    self._send_event({**head, "choices": [], "usage": _usage(done)})
+                    self._send_event({**head, "choices": [], "usage": usage(done)})
             except Exception as err:  # the engine closed or the forward failed: say so in the stream
-                self._send_event(_error_for(err).body())
+                self._send_event(error_for(err).body())
             self._send_event("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -392,41 +306,6 @@ class _Handler(BaseHTTPRequestHandler):
         "/v1/adapters": {"POST": _load_adapter},
         "/v1/adapters/{name}": {"DELETE": _unload_adapter},
         "/health": {"GET": _health},
-    }
-
-
-def _require_body(body: dict | None) -> dict:
-    if body is None:
-        raise HTTPError(400, "send a JSON object body (Content-Type: application/json)", None, "missing_body")
-    return body
-
-
-def _messages(messages: list) -> list[dict]:
-    """Chat messages as ``{"role", "content": str}``; content given as a list of text parts is joined."""
-    _check_range(len(messages) > 0, "messages", "a non-empty list", messages)
-    clean = []
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        _check_range(isinstance(role, str), f"messages[{i}].role", "a string", role)
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = [
-                p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content
-            ]
-            _check_range(
-                all(isinstance(p, str) for p in parts), f"messages[{i}].content", "text parts", content
-            )
-            content = "".join(parts)
-        _check_range(isinstance(content, str), f"messages[{i}].content", "a string", content)
-        clean.append({"role": role, "content": content})
-    return clean
-
-
-def _usage(done: Completion) -> dict:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
     }
 
 
@@ -539,37 +418,17 @@ class Server:
     def generation_request(
         self, body: dict, ids: list[int], prompt_field: str, default_max_tokens: int | None
     ) -> GenerationRequest:
-        """Validate the request fields shared by both completion routes (400/404 with the field named)."""
-        model = _field(body, "model", (str,))
-        if model != self.model_id and model not in self.engine.adapters():
-            raise HTTPError(404, f"the model {model!r} does not exist; see GET /v1/models", "model",
-                            "model_not_found")  # fmt: skip
-        limit, context = self.config.max_tokens_limit, self.engine.context_length or 1 << 62
-        _check_range(0 < len(ids) < context, prompt_field, f"1..{context - 1} tokens", f"{len(ids)} tokens")
-        name = "max_tokens" if "max_tokens" in body or prompt_field == "prompt" else "max_completion_tokens"
-        fits = min(limit, context - len(ids))
-        max_tokens = _field(body, name, (int,), min(default_max_tokens or fits, fits))
-        _check_range(1 <= max_tokens <= limit, name, f"1..{limit}", max_tokens)
-        if len(ids) + max_tokens > context:
-            raise HTTPError(400, f"this model's context is {context} tokens, but the prompt has {len(ids)} and "
-                            f"{name} asks for {max_tokens} more; shorten the prompt or lower {name}",
-                            prompt_field, "context_length_exceeded")  # fmt: skip
-        temperature = _field(body, "temperature", (int, float), 1.0)
-        _check_range(0 <= temperature <= 2, "temperature", "0..2", temperature)
-        top_p = _field(body, "top_p", (int, float), 1.0)
-        _check_range(0 < top_p <= 1, "top_p", "(0, 1]", top_p)
-        _check_range(_field(body, "n", (int,), 1) == 1, "n", "1 (one choice per request)", body.get("n"))
-        _check_range(body.get("stop") in (None, []), "stop", "null (stop sequences are not supported; the "
-                     "model stops at its end-of-turn token)", body.get("stop"))  # fmt: skip
-        return GenerationRequest(
-            prompt_ids=ids,
-            adapter=None if model == self.model_id else model,
-            max_tokens=max_tokens,
-            temperature=float(temperature),
-            top_p=float(top_p),
-            seed=_field(body, "seed", (int,), None),
-            stream=_field(body, "stream", (bool,), False),
-            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+        """Validate a completion request against this server's models and limits (see
+        :func:`lorakit.serve.openai.generation_request`)."""
+        return generation_request(
+            body,
+            ids,
+            prompt_field,
+            default_max_tokens,
+            base_id=self.model_id,
+            adapters=self.engine.adapters(),
+            max_tokens_limit=self.config.max_tokens_limit,
+            context_length=self.engine.context_length,
         )
 
 
