@@ -194,7 +194,9 @@ def test_tensorboard_logging(workspace, tmp_path):
 
 
 def test_stack_on_trains_new_adapter_on_top_of_frozen_ones(workspace, tmp_path):
-    first = train(tiny_recipe(workspace, f"output_dir={tmp_path / 'first'}", "train.max_steps=3"), progress=False)
+    first = train(
+        tiny_recipe(workspace, f"output_dir={tmp_path / 'first'}", "train.max_steps=3"), progress=False
+    )
     second = train(
         tiny_recipe(workspace, f"output_dir={tmp_path / 'second'}", "train.max_steps=3",
                     f"adapter.stack_on=[{first.output_dir}]"),
@@ -208,9 +210,39 @@ def test_stack_on_trains_new_adapter_on_top_of_frozen_ones(workspace, tmp_path):
 
     def loss_with(names):
         lorakit.set_adapter(model, names)
-        return evaluate_loss(model, val, make_collator(tokenizer), tiny_recipe(workspace).train, torch.device("cpu"))
+        return evaluate_loss(
+            model, val, make_collator(tokenizer), tiny_recipe(workspace).train, torch.device("cpu")
+        )
 
     # The second run's final eval loss was measured with both adapters active, the first one unchanged (its
     # original weights from disk reproduce that loss, so it did not train).
     assert loss_with(["old", "new"]) == pytest.approx(second.eval_loss, abs=1e-5)
     assert loss_with(["new"]) != pytest.approx(second.eval_loss, abs=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw", "paged_adamw_8bit"])
+def test_recipe_optimizer_trains_and_resumes_exactly(workspace, tmp_path, optimizer, monkeypatch):
+    import lorakit.train as train_module
+    from lorakit.optim import OPTIMIZERS
+
+    built = []
+    monkeypatch.setattr(
+        train_module,
+        "make_optimizer",
+        lambda *a, **k: built.append(OPTIMIZERS[a[1]](*a[:1], **k)) or built[-1],
+    )
+    recipe = tiny_recipe(
+        workspace, f"output_dir={tmp_path / 'run'}", f"train.optimizer={optimizer}", "train.max_steps=6",
+        "train.save_every=3", "train.keep_last=5", "adapter.lora_dropout=0.1",
+    )  # fmt: skip
+    full = train(recipe, progress=False)
+    losses = [h["loss"] for h in full.history if "loss" in h]
+    assert losses[-1] < losses[0]
+    from safetensors.torch import load_file
+
+    weights = load_file(full.output_dir / "adapter_model.safetensors")
+    assert [type(o) for o in built] == [OPTIMIZERS[optimizer]]
+    again = train(recipe, resume=str(full.output_dir / "checkpoints" / "step-000003"), progress=False)
+    assert again.final_train_loss == pytest.approx(full.final_train_loss, abs=1e-6)
+    for key, value in load_file(again.output_dir / "adapter_model.safetensors").items():
+        torch.testing.assert_close(value, weights[key], atol=0, rtol=0)

@@ -31,6 +31,7 @@ from lorakit.inject import mark_trainable, set_adapter, wrap
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loading import DTYPE_NAMES, load_model
 from lorakit.loss import causal_lm_loss_sum
+from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import plot_metrics
 from lorakit.recipe import Recipe
@@ -115,21 +116,17 @@ def load_base(recipe: Recipe, quantize: bool = True):
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; with ``train.loraplus_ratio``, over LoRA+'s parameter groups (the B
-    matrices and 1-D parameters at ``ratio x lr``: :mod:`lorakit.optim.loraplus`)."""
+    """The optimizer ``train.optimizer`` names (:mod:`lorakit.optim`) over the trainable parameters; with
+    ``train.loraplus_ratio``, over LoRA+'s parameter groups (the B matrices and 1-D parameters at ``ratio x lr``:
+    :mod:`lorakit.optim.loraplus`)."""
     section = recipe.train
-    if section.optimizer != "adamw":
-        raise ConfigError(
-            f"train.optimizer={section.optimizer} is validated but not available in this lorakit version; "
-            "use adamw"
-        )
     if section.loraplus_ratio is not None:
         params = loraplus_param_groups(
             model, section.lr, section.loraplus_ratio, weight_decay=section.weight_decay
         )
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
+    return make_optimizer(params, section.optimizer, lr=section.lr, weight_decay=section.weight_decay)
 
 
 def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
