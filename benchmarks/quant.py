@@ -8,8 +8,12 @@ medians (bnb / lorakit: above 1 means lorakit is faster).
 bnb's forward + backward uses ``bnb.matmul_4bit`` with an input that requires grad (its training path); in eval /
 no-grad mode bnb's CPU backend would instead repack the weight on the first forward.
 
+Peak memory of a 4-bit model load: the TinyLlama-1.1B-shaped bf16 model of ``benchmarks/memory.py`` (written to
+disk once) is loaded in NF4 + double quant by ``lorakit.load_model`` and by transformers + ``BitsAndBytesConfig``,
+each in a fresh subprocess; the figure is the rise of peak RSS (``VmHWM``) over the RSS just before the load.
+
 Usage:
-    .venv/bin/python benchmarks/quant.py [--repeats 5] [--threads 2] [--tokens 2048]
+    .venv/bin/python benchmarks/quant.py [--repeats 5] [--threads 2] [--tokens 2048] [--skip-timings] [--skip-load]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import bitsandbytes.functional as bnbf
 import torch
 
 from lorakit.quant import Linear4bit, dequantize_4bit, quantize_4bit
+from memory import DEFAULT_MODEL_DIR, LOAD_CONFIGS, measure, write_model
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 RESULTS = Path(__file__).parent / "results" / "quant.json"
@@ -110,6 +115,14 @@ def _bnb_bits(packed: torch.Tensor, state: bnbf.QuantState) -> float:
     return bits / state.shape.numel()
 
 
+def bench_load(model_dir: Path, threads: int) -> dict:
+    """Peak-RSS rise of a 4-bit load of the TinyLlama-shaped model, lorakit vs transformers + bnb (subprocesses)."""
+    write_model(model_dir)
+    rows = {name: measure(name, model_dir, threads) for name in LOAD_CONFIGS}
+    bf16_bytes = (model_dir / "model.safetensors").stat().st_size
+    return {"model_dir": str(model_dir), "bf16_file_bytes": bf16_bytes, **rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
@@ -118,18 +131,30 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=2048, help="rows of the input for forward + backward")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="model for the load peak")
+    parser.add_argument("--skip-timings", action="store_true", help="keep the timings already in --out")
+    parser.add_argument("--skip-load", action="store_true", help="keep the load peak already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
 
     load_before = os.getloadavg()
-    results = [bench_shape(shape, args.tokens, args.repeats) for shape in SHAPES]
+    if args.skip_timings:
+        results = previous["results"]
+    else:
+        results = [bench_shape(shape, args.tokens, args.repeats) for shape in SHAPES]
     load_after = os.getloadavg()
+    load_peak = previous.get("load_peak") if args.skip_load else bench_load(args.model_dir, args.threads)
 
-    print(f"CPU, {args.threads} threads, bf16 weights, nf4 + double quant, median of {args.repeats} (ms)")
-    print(
-        f"1-minute load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores"
-    )
+    if args.skip_timings:
+        print(f"timings kept from {args.out} (median of {previous['meta']['repeats']}, ms)")
+    else:
+        print(f"CPU, {args.threads} threads, bf16 weights, nf4 + double quant, median of {args.repeats} (ms)")
+        print(
+            f"1-minute load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+            f"on {os.cpu_count()} cores"
+        )
     print(f"{'shape [out, in]':<16} {'measurement':<30} {'lorakit':>10} {'bnb':>10} {'bnb/lorakit':>12}")
     for result in results:
         shape = "x".join(map(str, result["shape"]))
@@ -138,20 +163,31 @@ def main() -> None:
             print(f"{shape:<16} {name:<30} {ours:>10.1f} {theirs:>10.1f} {row['bnb/lorakit']:>11.2f}x")
         bits = result["bits_per_parameter"]
         print(f"{shape:<16} {'bits per parameter':<30} {bits['lorakit']:>10.4f} {bits['bnb']:>10.4f}")
+    if load_peak:
+        print(
+            f"4-bit load of a {load_peak['bf16_file_bytes'] / 1e9:.2f} GB bf16 TinyLlama-shaped model, peak RSS rise:"
+        )
+        for name in LOAD_CONFIGS:
+            row = load_peak[name]
+            print(f"  {name:<28} {row['peak_rise'] / 1e9:.2f} GB (model {row['model_bytes'] / 1e9:.2f} GB)")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": "cpu",
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "tokens": args.tokens,
-        "torch": torch.__version__,
-        "bitsandbytes": bnb.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [load_before[0], load_after[0]],
-    }
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    if args.skip_timings:
+        meta = previous["meta"]
+    else:
+        meta = {
+            "device": "cpu",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "tokens": args.tokens,
+            "torch": torch.__version__,
+            "bitsandbytes": bnb.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_1min_before_after": [load_before[0], load_after[0]],
+        }
+    document = {"meta": meta, "results": results, "load_peak": load_peak}
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
