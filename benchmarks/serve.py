@@ -1,16 +1,18 @@
 """lorakit serve under load: concurrent clients over loopback vs the same requests one at a time.
 
 Builds a small Llama (4 layers, hidden 256) from a config with a freshly trained byte-level BPE tokenizer, saves
-it and 4 random LoRA adapters (r=16, all linear layers) to a temporary directory, starts the OpenAI-compatible
-server in-process on a free port, and sends the same request list twice with httpx:
+it and 4 random LoRA adapters (r=16, all linear layers) to a temporary directory, starts the real server
+(``lorakit serve --model ... --adapter-root ... --adapter NAME=DIR ... --port 0``, a separate process bound to
+127.0.0.1) and sends the same request list twice with httpx:
 
 - batched: ``--clients`` threads, each with its own connection, share the list (continuous batching mixes
   the adapters and the base in one forward per decode step);
 - sequential: one client sends the requests one after another (every decode step has one row).
 
 Requests cycle over the 4 adapters and the base, are greedy and generate exactly ``--tokens`` tokens each
-(``ignore_eos``). Reported: requests/s, generated tokens/s, latency p50/p95, the mean and peak rows per
-decode step, and the batching speedup (batched / sequential tokens/s). A table on stdout, JSON on disk.
+(``ignore_eos``). Reported: requests/s, generated tokens/s, latency p50/p95, the mean and peak rows per decode
+step (from the server's ``GET /v1/stats``), and the batching speedup (batched / sequential tokens/s). The server
+runs with ``OMP_NUM_THREADS=--threads``. A table on stdout, JSON on disk.
 
 Usage:
     .venv/bin/python benchmarks/serve.py [--requests 64] [--clients 32] [--tokens 32] [--threads 1]
@@ -22,7 +24,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +39,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit
-from lorakit.serve import serve
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 ADAPTERS = ["support", "legal", "medical", "code"]
@@ -123,40 +127,83 @@ def run(url: str, requests: list[dict], clients: int) -> dict:
     }  # fmt: skip
 
 
+def start_server(
+    model_dir: Path, root: Path, args: argparse.Namespace, log: Path
+) -> tuple[subprocess.Popen, str]:
+    """``lorakit serve`` in its own process on a free loopback port; returns it and its URL once it answers."""
+    command = [
+        str(Path(sys.executable).with_name("lorakit")), "serve", "--model", str(model_dir),
+        "--adapter-root", str(root), *[f"--adapter={name}={name}" for name in ADAPTERS], "--port", "0",
+        "--max-batch", str(args.max_batch), "--max-queue", str(args.requests),
+        "--max-tokens-limit", str(args.tokens), "--dtype", "float32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"lorakit serve exited with {process.returncode}:\n{log.read_text()}")
+        for (
+            line
+        ) in log.read_text().splitlines():  # "serving ['base', ...] on http://127.0.0.1:PORT (Ctrl-C ...)"
+            if line.startswith("serving ") and " on http://" in line:
+                url = line.split(" on ", 1)[1].split()[0]
+                if httpx.get(f"{url}/health").status_code == 200:
+                    return process, url
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"lorakit serve did not start within 300 s:\n{log.read_text()}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Ctrl-C (the server answers in-flight requests and stops), then kill if it does not exit."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64, help="requests per run")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients in the batched run")
     parser.add_argument("--tokens", type=int, default=32, help="generated tokens per request")
-    parser.add_argument("--max-batch", type=int, default=32, help="the server's max_batch")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    parser.add_argument("--threads", type=int, default=1, help="the server's OMP_NUM_THREADS (CPU)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # building the workspace
 
     requests = request_list(args.requests, args.tokens)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, root = build_workspace(Path(tmp), args.hidden, args.layers, args.rank)
-        adapters = {name: name for name in ADAPTERS}
-        with serve(model_dir, adapters, adapter_root=str(root), port=0, max_batch=args.max_batch,
-                   max_queue=args.requests, max_tokens_limit=args.tokens) as server:  # fmt: skip
-            run(server.url, requests[:4], 1)  # warm-up
-            engine = server.engine
-            engine.peak_batch = engine.decode_steps = engine.decoded_rows = 0
-            batched = run(server.url, requests, args.clients)
+        process, url = start_server(model_dir, root, args, Path(tmp) / "server.log")
+        try:
+            run(url, requests[:4], 1)  # warm-up
+            before = httpx.get(f"{url}/v1/stats").json()
+            batched = run(url, requests, args.clients)
+            after = httpx.get(f"{url}/v1/stats").json()
+            steps = after["decode_steps"] - before["decode_steps"]
             batched.update(
-                peak_batch=engine.peak_batch, mean_batch=engine.decoded_rows / max(engine.decode_steps, 1)
+                peak_batch=after["peak_batch"],
+                mean_batch=(after["decoded_rows"] - before["decoded_rows"]) / max(steps, 1),
             )
-            sequential = run(server.url, requests, 1)
+            sequential = run(url, requests, 1)
+        finally:
+            stop_server(process)
     load_after = os.getloadavg()
     speedup = batched["tokens_per_s"] / sequential["tokens_per_s"]
 
     print(
-        f"cpu, {args.threads} torch thread(s), Llama hidden={args.hidden} layers={args.layers}, fp32, 4 adapters "
+        f"lorakit serve (own process), cpu, {args.threads} torch thread(s), Llama hidden={args.hidden} "
+        f"layers={args.layers}, fp32, 4 adapters "
         f"r={args.rank} + base, {args.requests} requests x {args.tokens} tokens, max_batch={args.max_batch}"
     )
     print(

@@ -106,6 +106,9 @@ def test_32_concurrent_clients_on_4_adapters_equal_requests_served_alone(server,
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(one, requests))
     assert server.engine.peak_batch > 1, "the requests were never batched together"
+    stats = client.get("/v1/stats").json()
+    assert stats["peak_batch"] == server.engine.peak_batch and stats["decoded_rows"] > stats["decode_steps"]
+    assert (stats["running"], stats["waiting"]) == (0, 0)
     assert len({r[0] for r in requests}) == 5
     for request, a, b in zip(requests, alone, together):
         assert b["model"] == request[0]
@@ -338,6 +341,7 @@ def test_api_key_is_required_when_set(workspace):
     with Server(ServeConfig(model_dir=str(workspace / "base"), port=0, api_key="sekrit")).start() as server:
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/v1/stats").status_code == 401
         ok = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sekrit"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "base"
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters import dora
+from lorakit.adapters import dora, mixed
 from lorakit.errors import ConfigError, MergeError
 
 
@@ -63,9 +63,9 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        # Per-row adapter names for a mixed batch (set by lorakit.inject.batch_adapters), and the cache of
-        # stacked adapter weights that the gathered products read.
-        self.row_adapters: list[str] | None = None
+        # The rows of a mixed batch (set by lorakit.inject.batch_adapters for one forward), and the cache of the
+        # stacked adapter weights that its grouped products read (dropped when an adapter is added or deleted).
+        self.row_plan: mixed.RowPlan | None = None
         self._stack_cache: tuple | None = None
         # DoRA: ||W0||^2 per row (frozen, keyed by the base weight), norms cached in no-grad mode, and the norm of
         # each merged DoRA adapter (it cannot be recovered from the merged weight).
@@ -97,6 +97,7 @@ class LoraLinear(nn.Module):
         self.train(self.training)  # new submodules start in training mode; follow the wrapper's mode
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
         self._norm_cache.pop(name, None)  # new tensors may reuse an old adapter's addresses and versions
+        self._stack_cache = None
         self.reset_adapter(name, init_lora_weights)
         if use_dora:
             norm = dora.weight_norm_reference(
@@ -133,6 +134,7 @@ class LoraLinear(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling, self._norm_cache):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._stack_cache = None  # it holds the adapter's tensors and a stacked copy of them
 
     def set_trainable(self, name: str, trainable: bool) -> None:
         """Set ``requires_grad`` on every weight of adapter ``name`` (A, B and the DoRA magnitude)."""
@@ -175,7 +177,7 @@ class LoraLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
+        if self.row_plan is not None:
             return self._mixed_batch_output(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
@@ -244,57 +246,73 @@ class LoraLinear(nn.Module):
         tensor = base.weight_packed if is_quantized(base) else base.weight
         return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
 
-    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Adapters ``names`` stacked (ranks zero-padded to the largest) plus one all-zero slot for the base:
-        A [n+1, r, in], B [n+1, out, r], scale [n+1]. Cached until a weight changes."""
-        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights))
-        if self._stack_cache is not None and self._stack_cache[0] == key and torch.is_grad_enabled() is False:
-            return self._stack_cache[1]
-        rank = max(a.shape[0] for a, _ in weights)
-        device, dtype = weights[0][0].device, weights[0][0].dtype
-        stack_a = torch.zeros(len(names) + 1, rank, self.in_features, device=device, dtype=dtype)
-        stack_b = torch.zeros(len(names) + 1, self.out_features, rank, device=device, dtype=dtype)
-        for i, (a, b) in enumerate(weights):
-            stack_a[i, : a.shape[0]] = a
-            stack_b[i, :, : b.shape[1]] = b
-        scale = torch.tensor([self.scaling[n] for n in names] + [0.0], device=device, dtype=dtype)
-        stacked = (stack_a, stack_b, scale)
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The adapters ``names`` stacked for :func:`mixed.add_rows`: ``Aᵀ`` [k + 1, in, r] and ``(s·B)ᵀ``
+        [k + 1, r, out] (fp32, ranks zero-padded to the largest; zeros for an adapter this layer lacks and in the
+        last slot, the base's); None if the layer has none of them.
+
+        Cached in no-grad mode. The check is cheap (no module lookups): the cache holds the weights it was built
+        from and compares their versions, addresses (``.data`` swaps, ``.to()``) and scales; adding or deleting an
+        adapter drops it.
+        """
+        cache = self._stack_cache
+        if cache is not None and (cache[0] is names or cache[0] == names) and not torch.is_grad_enabled():
+            weights = cache[1]
+            if cache[2] == [(w._version, w.data_ptr()) for w in weights] and cache[3] == [
+                self.scaling[n] for n in names if n in self.scaling
+            ]:
+                return cache[4]
+        present = [n for n in names if n in self.lora_A]
+        if not present:
+            return None
+        weights = [w for n in present for w in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        rank = max(self.r[n] for n in present)
+        device, dtype = weights[0].device, weights[0].dtype
+        stack_a = torch.zeros(len(names) + 1, self.in_features, rank, device=device, dtype=dtype)
+        stack_b = torch.zeros(len(names) + 1, rank, self.out_features, device=device, dtype=dtype)
+        for i, name in enumerate(names):
+            if name in self.lora_A:
+                weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in], [out, r]
+                stack_a[i, :, : weight_a.shape[0]] = weight_a.T
+                stack_b[i, : weight_b.shape[1]] = (weight_b * self.scaling[name]).T
+        stacked = (stack_a, stack_b)
         if not torch.is_grad_enabled():
-            self._stack_cache = (key, stacked)
+            stamp = [(w._version, w.data_ptr()) for w in weights]
+            self._stack_cache = (names, weights, stamp, [self.scaling[n] for n in present], stacked)
         return stacked
 
     def _mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Each row's own adapter output, for all rows at once (BGMV: gathered low-rank products).
+        """Each row's own adapter output, for all rows at once (gathered low-rank products, :mod:`mixed`).
 
-        ``x`` is ``[B, ..., in]`` with ``B == len(self.row_adapters)``, ``result`` the base output
+        ``x`` is ``[B, ..., in]`` with ``B == len(self.row_plan.rows)``, ``result`` the base output
         ``[B, ..., out]``; rows naming ``"__base__"`` (or an adapter this layer does not have) get the base
         output. DoRA rows are rescaled by their own ``k = m / n`` (1 for LoRA and base rows). No Python loop over
         rows.
         """
-        rows = self.row_adapters
-        if x.shape[0] != len(rows):
+        plan = self.row_plan
+        if x.shape[0] != len(plan.rows):
             raise ValueError(
-                f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows; give one name per row"
+                f"adapter_names has {len(plan.rows)} entries but the batch has {x.shape[0]} rows; give one name per row"
             )
-        names = tuple(sorted({n for n in rows if n in self.lora_A}))
-        if not names:
-            return result
-        stack_a, stack_b, scale = self._stacked(names)
-        slot = {n: i for i, n in enumerate(names)}
-        index = torch.tensor([slot.get(n, len(names)) for n in rows], device=x.device)  # [B]
-        shape = x.shape
-        x3 = x.reshape(shape[0], -1, shape[-1]).to(stack_a.dtype)  # [B, T, in]
-        shrink = torch.bmm(x3, stack_a[index].transpose(1, 2))  # [B, T, r]
-        expand = torch.bmm(shrink, stack_b[index].transpose(1, 2))  # [B, T, out]
-        expand = expand * scale[index][:, None, None]
-        delta = expand.reshape(*shape[:-1], self.out_features)
-        if not any(n in self.lora_magnitude_vector for n in names):
+        names = plan.adapters
+        if len(names) == 1 and plan.in_order and names[0] not in self.lora_magnitude_vector:
+            # every row on one adapter (e.g. a server's prefill): the plain product; nothing stacked or cached
+            if names[0] not in self.lora_A:
+                return result
+            lora_a, lora_b = self.lora_A[names[0]], self.lora_B[names[0]]
+            delta = lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[names[0]]  # [..., out]
             return result + delta.to(result.dtype)
+        stacked = self._stacked(names)
+        if stacked is None:
+            return result
+        if not self.lora_magnitude_vector or not any(n in self.lora_magnitude_vector for n in names):
+            return mixed.add_rows(result, x, *stacked, plan)
+        delta = mixed.add_rows(torch.zeros_like(result, dtype=stacked[0].dtype), x, *stacked, plan)
         ones = torch.ones(self.out_features, device=x.device, dtype=delta.dtype)
         factors = [self.dora_scale(n) if n in self.lora_magnitude_vector else ones for n in names]
-        factor = torch.stack([*factors, ones])[index]  # [B, out]
-        factor = factor.reshape(shape[0], *([1] * (result.dim() - 2)), self.out_features)
+        slots = plan.indices(x.device)[0]
+        factor = torch.stack([*factors, ones])[slots]  # [B, out]
+        factor = factor.reshape(x.shape[0], *([1] * (result.dim() - 2)), self.out_features)
         return dora.dora_output(result, delta, factor, 1.0, self._bias())
 
     # ---------------------------------------------------------------------------------------------- merge

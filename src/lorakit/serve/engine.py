@@ -28,7 +28,7 @@ from torch import nn
 
 from lorakit.data import stop_token_ids
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.inject import adapter_configs, delete_adapter, lora_layers
+from lorakit.inject import adapter_configs, delete_adapter
 from lorakit.io import load_adapter, read_adapter_config
 from lorakit.serve.batch import Batch, Row, prefill, sample_next
 
@@ -304,7 +304,6 @@ class Engine:
                         f"an adapter named {name!r} is already loaded; unload it first"
                     )
             load_adapter(self.model, directory, adapter_name=name, activate=False)
-            self._forget_stacked_weights()
             with self._cond:
                 self._adapters[name] = directory
         log.info("loaded adapter %r from %s", name, directory)
@@ -332,17 +331,10 @@ class Engine:
                 raise TimeoutError(f"adapter {name!r} still has requests after {timeout} s; it stays loaded")
         with self._model_lock:
             delete_adapter(self.model, name)
-            self._forget_stacked_weights()
             with self._cond:
                 del self._adapters[name]
                 self._draining.discard(name)
         log.info("unloaded adapter %r", name)
-
-    def _forget_stacked_weights(self) -> None:
-        # LoraLinear caches the stacked adapter weights of a mixed batch keyed by tensor versions and
-        # addresses; a freshly loaded adapter can reuse both, so the caches are dropped on every change.
-        for _, layer in lora_layers(self.model):
-            layer._stack_cache = None
 
     # -------------------------------------------------------------------------------------------- submit
     def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -378,6 +370,16 @@ class Engine:
     def generate(self, request: GenerationRequest) -> Completion:
         """Submit ``request`` and wait for its :class:`Completion`."""
         return self.submit(request).result()
+
+    def stats(self) -> dict[str, int]:
+        """Batching counters since start: ``decode_steps``, ``decoded_rows`` (rows over all steps; divided by
+        the steps, the mean batch), ``peak_batch``; and now: ``running`` rows and ``waiting`` requests."""
+        with self._cond:
+            waiting = len(self._queue)
+        return {
+            "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows, "peak_batch": self.peak_batch,
+            "running": len(self._batch.rows), "waiting": waiting,
+        }  # fmt: skip
 
     # ----------------------------------------------------------------------------------------- scheduler
     def _run(self) -> None:

@@ -7,6 +7,7 @@ Routes (one table, :attr:`_Handler.ROUTES`)::
     POST   /v1/chat/completions     {"model", "messages", ...}; "stream": true sends server-sent events
     POST   /v1/adapters             {"name", "path"}: load an adapter (path inside the adapter root)
     DELETE /v1/adapters/{name}      unload an adapter (after its running requests finish)
+    GET    /v1/stats                batching counters: decode steps, rows decoded, peak batch, running, waiting
     GET    /health                  {"status": "ok"}
 
 ``model`` names an adapter or the base model (its id is the model directory's name unless ``model_name``
@@ -210,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _health(self, app: Server, body: dict | None, arg: str | None) -> None:
         self._send_json(200, {"status": "closing" if app.engine.closing else "ok"})
 
+    def _stats(self, app: Server, body: dict | None, arg: str | None) -> None:
+        self._send_json(200, app.engine.stats())
+
     def _models(self, app: Server, body: dict | None, arg: str | None) -> None:
         self._send_json(200, {"object": "list", "data": [app.model_card(n) for n in app.model_ids()]})
 
@@ -305,6 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
         "/v1/chat/completions": {"POST": _chat_completions},
         "/v1/adapters": {"POST": _load_adapter},
         "/v1/adapters/{name}": {"DELETE": _unload_adapter},
+        "/v1/stats": {"GET": _stats},
         "/health": {"GET": _health},
     }
 
