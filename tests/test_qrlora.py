@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import lorakit
 import lorakit.adapters.qrlora as qrlora_module
 from lorakit.adapters.adalora import AdaLoraConfig
 from lorakit.adapters.base import AdapterLinear
@@ -206,6 +207,10 @@ def test_a_second_adapter_joins_the_wrapped_layers_and_methods_do_not_mix():
     assert layer.rank("other") == 3 and not layer.qr_lambda["other"].requires_grad
     with pytest.raises(ConfigError, match="does not mix"):
         wrap_adalora(model, AdaLoraConfig(target_modules=["q_proj"], total_step=3), adapter_name="ada")
+    # and LoRA refuses a QR-LoRA layer before wrapping anything (v_proj stays a plain Linear)
+    with pytest.raises(ConfigError, match=r"q_proj already holds QRLoraLinear adapters.*does not mix"):
+        lorakit.wrap(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="lora")
+    assert type(model.model.layers[0].self_attn.v_proj) is torch.nn.Linear
 
 
 def test_4bit_base_forward_backward_and_exact_merge():

@@ -1,8 +1,10 @@
 """Training checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
 
-A checkpoint is a directory ``checkpoints/step-000120/`` holding the adapter in PEFT format, the optimizer
+A checkpoint is a directory ``checkpoints/step-000120/`` holding the adapter in its method's format (AdaLoRA
+untrimmed: every component, pruned or not, so a pruned one can come back after a resume), the optimizer
 state as safetensors (tensors) + JSON (hyper-parameters), and ``trainer_state.json`` (step, data position,
-scheduler, RNG states, metrics so far). It is written into a temporary directory and renamed into place, so a
+scheduler, RNG states, metrics so far). An AdaLoRA run adds the rank allocator's importance EMAs
+(``adalora_state.safetensors``) and its rank pattern (in ``trainer_state.json``). It is written into a temporary directory and renamed into place, so a
 run killed at any moment leaves either the previous checkpoint or the new one, never half of one. Nothing is
 pickled.
 """
@@ -20,13 +22,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lorakit.adapters.rank_allocator import AdaLoraController
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.inject import adapter_state_dict
+from lorakit.inject import adapter_configs
 from lorakit.io import atomic_save_safetensors, read_adapter_weights, save_adapter
+from lorakit.variants import checkpoint_state_dict, save_variant
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 RNG_TENSORS = "rng.safetensors"
+ADALORA_TENSORS = "adalora_state.safetensors"
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,6 +81,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     adapter_name: str = "default",
+    controller: AdaLoraController | None = None,
 ) -> Path:
     """Write a checkpoint atomically into ``directory`` (replacing an older one of the same name).
 
@@ -84,6 +91,7 @@ def save_checkpoint(
         optimizer (Optimizer): Its optimizer.
         state (dict): JSON-serializable trainer state (step, data position, scheduler state, metrics).
         adapter_name (str): The adapter being trained.
+        controller (AdaLoraController | None): An AdaLoRA run's rank allocator, saved with it. Default None.
 
     Returns:
         Path: ``directory``.
@@ -92,12 +100,20 @@ def save_checkpoint(
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapter(model, tmp, adapter_name)
+    if isinstance(adapter_configs(model).get(adapter_name), LoraConfig):
+        save_adapter(model, tmp, adapter_name)
+    else:
+        save_variant(model, tmp, adapter_name, trim=False)
+    payload_extra = {}
+    if controller is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in controller.state_dict().items()}
+        atomic_save_safetensors(tensors, tmp / ADALORA_TENSORS)
+        payload_extra["adalora"] = {"rank_pattern": controller.config.rank_pattern}
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     atomic_save_safetensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
     rng_tensors, rng_meta = rng_state()
     atomic_save_safetensors(rng_tensors, tmp / RNG_TENSORS)
-    payload = {**state, "optimizer": opt_meta, "rng": rng_meta}
+    payload = {**state, **payload_extra, "optimizer": opt_meta, "rng": rng_meta}
     (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1))
     old = directory.with_name(f".old-{directory.name}")
     if directory.exists():
@@ -113,11 +129,13 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     adapter_name: str = "default",
+    controller: AdaLoraController | None = None,
 ) -> dict[str, Any]:
-    """Restore adapter weights, optimizer state and RNG states; return the trainer state dict.
+    """Restore adapter weights, optimizer state, RNG states and an AdaLoRA run's rank allocator (importance
+    EMAs and rank pattern); return the trainer state dict.
 
     Raises:
-        AdapterFileError: The directory is not a complete checkpoint.
+        AdapterFileError: The directory is not a complete checkpoint, or not one of this recipe's method.
     """
     directory = Path(directory)
     for name in (STATE_NAME, OPTIMIZER_TENSORS, RNG_TENSORS):
@@ -125,12 +143,21 @@ def load_checkpoint(
             raise AdapterFileError(f"{directory} is not a lorakit checkpoint: {name} is missing")
     state = json.loads((directory / STATE_NAME).read_text())
     weights = read_adapter_weights(directory)
-    targets = adapter_state_dict(model, adapter_name)
+    targets = checkpoint_state_dict(model, adapter_name)
     if set(weights) != set(targets):
         raise AdapterFileError(f"{directory}: the checkpoint's adapter does not match this recipe's adapter")
     with torch.no_grad():
         for key, value in weights.items():
             targets[key].copy_(value)
+    if controller is not None:
+        if not (directory / ADALORA_TENSORS).is_file() or "adalora" not in state:
+            raise AdapterFileError(
+                f"{directory}: {ADALORA_TENSORS} or the rank pattern is missing: not an AdaLoRA checkpoint"
+            )
+        device = next(iter(targets.values())).device
+        tensors = load_file(directory / ADALORA_TENSORS)
+        controller.load_state_dict({key: value.to(device) for key, value in tensors.items()})
+        controller.config.rank_pattern = state["adalora"]["rank_pattern"]
     optimizer.load_state_dict(
         _optimizer_from_files(load_file(directory / OPTIMIZER_TENSORS), state["optimizer"])
     )

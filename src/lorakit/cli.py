@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,29 +64,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train import train
 
     result = train(recipe, resume=args.resume, progress=not args.no_progress)
-    _print_result(result)
+    _print_result(result, recipe)
     return 0
 
 
-def _print_result(result) -> None:
-    print(f"\nadapter, tokenizer, recipe, metrics and loss curve written to {result.output_dir}")
-    print(
-        f"steps: {result.steps}  final train loss: {result.final_train_loss:.4f}  time: {result.seconds:.0f} s"
-    )
+def _print_result(result, recipe) -> None:
+    """The run's summary; with a before/after report (``train.eval_generate``), the base and the fine-tuned
+    model side by side on held-out rows, then the commands that use the adapter."""
+    loss = result.final_train_loss
+    print(f"\nsteps: {result.steps}  final train loss: {loss:.4f}  time: {result.seconds:.0f} s")
     if result.eval_loss is not None:
         print(f"eval loss: {result.eval_loss:.4f}  best: {result.best_eval_loss:.4f}")
-    if result.before and result.after:
-        before, after = result.before, result.after
-        print("\n                 base model   fine-tuned")
+    before, after = result.before, result.after
+    if before and after:
+        print(f"\nheld-out rows (n={after['n']})   base model   fine-tuned")
         if before.get("eval_loss") is not None and after.get("eval_loss") is not None:
-            print(f"eval loss        {before['eval_loss']:10.4f}   {after['eval_loss']:10.4f}")
-        print(
-            f"exact match      {before['exact_match']:10.1%}   {after['exact_match']:10.1%}   (n={after['n']})"
-        )
-        print("\nheld-out examples (input | expected | base model | fine-tuned):")
-        for b, a in list(zip(before["answers"], after["answers"]))[:6]:
-            query = a["input"] or a["instruction"]
-            print(f"  {query[:40]!r:44} {a['expected'][:24]!r:28} {b['got'][:24]!r:28} {a['got'][:24]!r}")
+            print(f"eval loss             {before['eval_loss']:12.4f} {after['eval_loss']:12.4f}")
+        print(f"exact match           {before['exact_match']:12.1%} {after['exact_match']:12.1%}")
+        rows = [(a["input"] or a["instruction"], a["expected"], b["got"], a["got"])
+                for b, a in zip(before["answers"], after["answers"])][:8]  # fmt: skip
+        print()
+        print(_table(["input", "expected", "base model", "fine-tuned"], rows))
+    out, model = result.output_dir, recipe.model.path
+    print(f"\nadapter (PEFT format), tokenizer, recipe, metrics and loss curve written to {out}/")
+    example = after["answers"][0] if after and after["answers"] else {}
+    prompt = shlex.quote(example.get("instruction", "Hello"))
+    given = f" --input {shlex.quote(example['input'])}" if example.get("input") else ""
+    print("next:")
+    print(f"  lorakit generate --model {shlex.quote(model)} --adapter {out} --greedy{given} {prompt}")
+    print(f"  lorakit merge --model {shlex.quote(model)} --adapter {out} --out {out}-merged")
+
+
+def _table(header: list[str], rows: list[tuple[str, ...]], width: int = 24) -> str:
+    """Left-aligned columns; cells longer than ``width`` are cut with ``...``, line breaks shown as ``\\n``."""
+
+    def cell(text: str) -> str:
+        text = text.replace("\n", "\\n")
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    cells = [list(header), *[[cell(c) for c in row] for row in rows]]
+    sizes = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  " + "  ".join(c.ljust(n) for c, n in zip(r, sizes)).rstrip() for r in cells]
+    lines.insert(1, "  " + "  ".join("-" * n for n in sizes))
+    return "\n".join(lines)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -373,6 +394,95 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG_PLAN = """examples:
+  lorakit plan --model llama-2-7b --method qlora --gpu-memory 24GB
+  lorakit plan --model llama-3-8b --method lora --r 16 --target attention --batch 8 --seq 1024 --gradient-checkpointing
+  lorakit plan --model /models/my-llama --method full --optimizer adamw_8bit --device cpu
+  lorakit plan --model path/to/config.json --method qlora --optimizer paged_adamw_8bit --json
+
+what is counted: base weights by storage type, quantization constants, adapters, gradients, optimizer states,
+saved activations, the loss's logits, workspace (dequantization, optimizer temporaries), and the runtime (CUDA
+context; on CPU the Python + torch process). The peak is 'always' + max(forward/backward, optimizer step).
+Sizes are GB = 1e9 bytes (--gpu-memory also takes GiB). Exit status 1 when the step does not fit
+--gpu-memory. See docs/plan.md.
+"""
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from lorakit.presets import PRESETS
+
+    p = sub.add_parser(
+        "plan",
+        help="predict the memory of a fine-tuning step, without loading weights",
+        description="Predict the peak memory of one training step from the model's config alone, with a "
+        "breakdown; with --gpu-memory, say whether it fits and which change makes it fit.",
+        epilog=EPILOG_PLAN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True,
+        help=f"a model directory, a config.json, or a preset: {', '.join(PRESETS)}",
+    )  # fmt: skip
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora", help="default qlora")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument(
+        "--target", default="all",
+        help="all / all-linear (7 projections), attention, mlp, minimal (q, v), or a comma list such as "
+        "q_proj,v_proj (default all)",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument(
+        "--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"], default="adamw",
+        help="as train.optimizer (default adamw)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward"
+    )
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default 0.05)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="compute dtype (default bfloat16)",
+    )
+    p.add_argument(
+        "--full-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+        help="weights of full fine-tuning: bfloat16 (pure bf16) or float32 (master weights) (default bfloat16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--quant-type", choices=["nf4", "fp4"], default=None, help="4-bit type (qlora; default nf4)"
+    )
+    p.add_argument("--no-double-quant", action="store_true", help="fp32 block scales (4.5 bits per weight)")
+    p.add_argument("--no-chunked-loss", action="store_true", help="materialize the full logits")
+    p.add_argument(
+        "--target-fraction", type=float, default=1.0,
+        help="share of tokens that carry a loss, e.g. 0.5 when prompts are masked (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda",
+        help="cuda (adds the CUDA context, pages optimizer states) or cpu (adds the process runtime)",
+    )  # fmt: skip
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory available, e.g. 24GB or 24GiB")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lorakit.plan import PlanConfig, plan_memory
+
+    config = PlanConfig(
+        method=args.method, r=args.r, target=args.target, batch_size=args.batch, seq_len=args.seq,
+        optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
+        lora_dropout=args.lora_dropout, compute_dtype=args.dtype, full_dtype=args.full_dtype,
+        quant_type=args.quant_type, double_quant=not args.no_double_quant, chunked_loss=not args.no_chunked_loss,
+        target_fraction=args.target_fraction, device=args.device,
+    )  # fmt: skip
+    plan = plan_memory(args.model, config, gpu_memory=args.gpu_memory)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
+    return 0 if plan.fits is not False else 1
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "generate": (_add_generate, cmd_generate),
@@ -380,6 +490,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "inspect": (_add_inspect, cmd_inspect),
     "preprocess": (_add_preprocess, cmd_preprocess),
     "serve": (_add_serve, cmd_serve),
+    "plan": (_add_plan, cmd_plan),
 }
 
 

@@ -17,7 +17,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.adapters.adalora import AdaLoraConfig
+from lorakit.adapters.base import AdapterLinear
 from lorakit.adapters.lora import LoraLinear, ModulesToSaveWrapper, is_quantized
+from lorakit.adapters.mixed import BASE, RowPlan
+from lorakit.adapters.qrlora import QRLoraConfig
 from lorakit.config import ALL_LINEAR, TARGET_PRESETS, LoraConfig
 from lorakit.errors import ConfigError, TargetModuleError
 
@@ -30,11 +34,46 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return model.__dict__.setdefault(CONFIGS_ATTR, {})
 
 
+def _wrappers(
+    module: nn.Module, kinds: tuple[type, ...], prefix: str = "", seen: set | None = None
+) -> Iterator:
+    """``(path, module)`` for every module of ``kinds``, in ``named_modules`` order, without walking inside them.
+
+    Inside a wrapper are one small module per adapter (``lora_A[name]``, ``lora_B[name]``, dropout): with many
+    adapters they are most of the model's modules, and ``named_modules`` would visit them on every mixed-batch
+    forward.
+    """
+    if seen is None:
+        if isinstance(module, kinds):
+            yield "", module
+            return
+        seen = {id(module)}
+    for name, child in module._modules.items():
+        if child is None or id(child) in seen:
+            continue
+        seen.add(id(child))
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, kinds):
+            yield path, child
+        else:
+            yield from _wrappers(child, kinds, path, seen)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    """Every ``(path, LoraLinear)`` in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            yield name, module
+    """Every ``(path, LoraLinear)`` in ``model``, in ``named_modules`` order."""
+    return _wrappers(model, (LoraLinear,))
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | AdapterLinear]]:
+    """Every ``(path, layer)`` holding adapters of any method: LoRA / DoRA (``LoraLinear``), AdaLoRA and
+    QR-LoRA (:class:`~lorakit.adapters.base.AdapterLinear`). They share ``active_adapters``,
+    ``merged_adapters``, ``set_trainable``, ``merge``, ``unmerge``, ``merged_base_layer``, ``delete_adapter``."""
+    return _wrappers(model, (LoraLinear, AdapterLinear))
+
+
+def _held(layer: LoraLinear | AdapterLinear) -> list[str]:
+    """Names of the adapters ``layer`` holds."""
+    return list(layer.lora_A) if isinstance(layer, LoraLinear) else layer.adapter_names()
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -45,7 +84,7 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear-like modules by path, seen through existing wrappers (paths as in the unwrapped model)."""
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, (LoraLinear, AdapterLinear)):
             found[name] = module.base_layer
         elif _is_linear_like(module) and not any(
             part in name for part in (".base_layer", ".lora_", ".modules_to_save.", ".original_module")
@@ -78,15 +117,30 @@ def _layer_index_ok(config: LoraConfig, path: str) -> bool:
     return match is not None and int(match.group("idx")) in wanted
 
 
-def _output_head_path(model: nn.Module) -> str | None:
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # the task heads of transformers' classification models
+
+
+def head_module_path(model: nn.Module) -> str | None:
+    """Path of the model's output head: the LM head, or else a classification head (``score``/``classifier``).
+
+    The head is never wrapped by ``"all-linear"`` and never quantized: PEFT skips the LM head the same way, and a
+    classification head is newly initialized for the task, so it is trained in full (``modules_to_save``).
+    """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
+        head = next(
+            (getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)),
+            None,
+        )
+    if head is None:
         return None
-    for name, module in model.named_modules():
-        if module is head:
-            return name
-    return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def in_head(path: str, head: str | None) -> bool:
+    """Whether module ``path`` is the head ``head`` (see :func:`head_module_path`) or inside it."""
+    return head is not None and (path == head or path.startswith(head + "."))
 
 
 def _linear_names_hint(candidates: dict[str, nn.Module]) -> str:
@@ -115,11 +169,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -
         saved |= {p for p in candidates if re.match(rf"(^|.*\.){re.escape(pattern)}($|\..*)", p)}
     target = config.target_modules if config.target_modules is not None else "minimal"
     if target == ALL_LINEAR:
-        head = _output_head_path(model)
-        paths = [p for p in candidates if p != head]
+        head = head_module_path(model)
+        paths = [p for p in candidates if not in_head(p, head)]
         target = sorted({p.rsplit(".", 1)[-1] for p in paths})
-        # A name shared with the output head (none in practice) would re-include it; keep the exact paths.
-        if head is not None and head.rsplit(".", 1)[-1] in target:
+        # A name shared with a head layer (e.g. RoBERTa's classifier.dense) would re-include it: keep exact paths.
+        if any(_matches(target, p) for p in candidates if in_head(p, head)):
             target = sorted(paths)
     elif isinstance(target, str) and target in TARGET_PRESETS:
         present = [s for s in TARGET_PRESETS[target] if any(_matches([s], p) for p in candidates)]
@@ -197,6 +251,12 @@ def wrap(
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     paths = resolve_targets(model, config, strict=strict)
+    held = [(p, type(m).__name__) for p in paths if isinstance(m := model.get_submodule(p), AdapterLinear)]
+    if held:  # checked before wrapping anything, so a refused call changes nothing
+        raise ConfigError(
+            f"{held[0][0]} already holds {held[0][1]} adapters; lorakit does not mix adapter methods on one layer: "
+            "merge the other adapter first (merge_and_unload) or exclude this module"
+        )
     # GPT-2 Conv1D stores W^T; PEFT records that as fan_in_fan_out (and forces it on when loading).
     config.fan_in_fan_out = (
         any(isinstance(model.get_submodule(p), Conv1D) for p in paths) or config.fan_in_fan_out
@@ -261,6 +321,9 @@ def _infer_task_type(model: nn.Module) -> str | None:
 def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     """Make ``adapter_names`` the active adapter(s); only they are trainable.
 
+    Several active adapters add their deltas in the given order; ``[]`` leaves no adapter active (the model
+    computes the base, like :func:`disable_adapters`, and every adapter is frozen).
+
     Raises:
         ConfigError: A name is not an adapter of the model.
     """
@@ -269,9 +332,10 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     for name in names:
         if name not in configs:
             raise ConfigError(f"no adapter named {name!r} on this model; present: {sorted(configs)}")
-    for _, layer in lora_layers(model):
-        layer.active_adapters = [n for n in names if n in layer.lora_A]
-        for name in layer.lora_A:
+    for _, layer in adapter_layers(model):
+        held = _held(layer)
+        layer.active_adapters = [n for n in names if n in held]
+        for name in held:
             layer.set_trainable(name, name in names)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
@@ -282,16 +346,26 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters currently active on ``model``."""
-    for _, layer in lora_layers(model):
-        return list(layer.active_adapters)
-    return []
+    """Names of the adapters active in at least one layer, in the order the layers add them.
+
+    The union over layers: an adapter that skips the first wrapped layer (``target_modules=["v_proj"]``) is
+    active too. The order matters (``merge_and_unload`` merges this list by default, and a DoRA adapter rescales
+    what comes before it): each layer's list is in :func:`set_adapter`'s order, and they are merged keeping it.
+    """
+    order: list[str] = []
+    for _, layer in adapter_layers(model):
+        names = layer.active_adapters
+        for i, name in enumerate(names):
+            if name not in order:
+                later = [order.index(n) for n in names[i + 1 :] if n in order]
+                order.insert(min(later, default=len(order)), name)
+    return order
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model only inside the ``with`` block (merged adapters are unmerged first)."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdapterLinear, ModulesToSaveWrapper))]
     previous = [m.adapters_disabled for m in layers]
     for module in layers:
         module.adapters_disabled = True
@@ -302,38 +376,48 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             module.adapters_disabled = state
 
 
-BASE = "__base__"
-
-
 @contextlib.contextmanager
 def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]:
     """Inside the block, row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
 
     ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` do the same for one
-    call. Each layer computes every row's adapter output at once with gathered low-rank products.
+    call. The rows are planned once (:class:`lorakit.adapters.mixed.RowPlan`, reused while the names stay the
+    same, as in a decode loop) and every layer computes all rows' adapter outputs at once with grouped low-rank
+    products.
 
     Raises:
         ConfigError: A name is neither an adapter of the model nor ``"__base__"``, or adapters are merged.
     """
     configs = adapter_configs(model)
-    unknown = sorted({n for n in adapter_names if n != BASE and n not in configs})
+    distinct = set(adapter_names)
+    unknown = sorted(n for n in distinct if n != BASE and n not in configs)
     if unknown:
         raise ConfigError(
             f"adapter_names: unknown adapter(s) {unknown}; present: {sorted(configs)} or '{BASE}'"
+        )
+    variant = sorted(n for n in distinct if n != BASE and not isinstance(configs[n], LoraConfig))
+    if variant:
+        raise ConfigError(
+            f"adapter_names: {variant} are AdaLoRA / QR-LoRA adapters; mixed batches take LoRA and DoRA adapters "
+            "only: activate one with lorakit.set_adapter, or merge it (lorakit merge)"
         )
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise ConfigError(
             "adapter_names: unmerge the adapters first (lorakit.unmerge): a merged batch cannot mix"
         )
-    previous = [layer.row_adapters for layer in layers]
+    plan = model.__dict__.get("_lorakit_row_plan")
+    if plan is None or plan.rows != tuple(adapter_names):
+        plan = RowPlan(adapter_names)
+        model.__dict__["_lorakit_row_plan"] = plan
+    previous = [layer.row_plan for layer in layers]
     for layer in layers:
-        layer.row_adapters = list(adapter_names)
+        layer.row_plan = plan
     try:
         yield
     finally:
         for layer, state in zip(layers, previous):
-            layer.row_adapters = state
+            layer.row_plan = state
 
 
 def _install_adapter_names_hook(model: nn.Module) -> None:
@@ -385,8 +469,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} on this model; present: {sorted(configs)}")
-    for _, layer in lora_layers(model):
-        layer.delete_adapter(adapter_name)
+    for _, layer in adapter_layers(model):
+        if adapter_name in _held(layer):
+            layer.delete_adapter(adapter_name)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             module.delete_adapter(adapter_name)
@@ -395,13 +480,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = True) -> None:
     """Merge the active (or named) adapters into the base weights, reversibly (see :func:`unmerge`)."""
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         layer.merge(adapter_names, safe_merge=safe_merge)
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` on every layer."""
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
@@ -412,7 +497,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     ``modules_to_save`` copies of the active adapter replace their originals.
     """
     names = adapter_names if adapter_names is not None else active_adapters(model)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in list(adapter_layers(model)):
         layer.unmerge()
         _set_submodule(model, path, layer.merged_base_layer(names))
     _unwrap_modules_to_save(model, keep=names[0] if names else None)
@@ -437,7 +522,7 @@ def merge_and_requantize(model: nn.Module, adapter_names: list[str] | None = Non
         stacklevel=2,
     )
     names = adapter_names if adapter_names is not None else active_adapters(model)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in list(adapter_layers(model)):
         layer.unmerge()
         base = layer.base_layer
         merged = layer.merged_base_layer(names)
@@ -455,7 +540,7 @@ def merge_and_requantize(model: nn.Module, adapter_names: list[str] | None = Non
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the base model of the original classes."""
-    for path, layer in list(lora_layers(model)):
+    for path, layer in list(adapter_layers(model)):
         layer.unmerge()
         _set_submodule(model, path, layer.base_layer)
     _unwrap_modules_to_save(model, keep=None)
@@ -497,8 +582,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def mark_trainable(model: nn.Module, adapter_name: str, trainable: bool = True) -> None:
     """Set ``requires_grad`` on every weight of one adapter."""
-    for _, layer in lora_layers(model):
-        layer.set_trainable(adapter_name, trainable)
+    for _, layer in adapter_layers(model):
+        if adapter_name in _held(layer):
+            layer.set_trainable(adapter_name, trainable)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(trainable)
@@ -524,34 +610,49 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return state
 
 
+def _rank_in_layer(layer: LoraLinear | AdapterLinear, path: str, name: str, config) -> int:
+    """Adapter ``name``'s rank in ``layer``: LoRA's r, AdaLoRA's kept components (its rank pattern), QR-LoRA's r."""
+    if isinstance(layer, LoraLinear):
+        return layer.r[name]
+    if hasattr(layer, "rank"):  # QR-LoRA
+        return layer.rank(name)
+    keep = (getattr(config, "rank_pattern", None) or {}).get(f"{path}.lora_E")
+    return sum(keep) if keep is not None and len(keep) == layer.r[name] else layer.r[name]
+
+
 def list_adapters(model: nn.Module) -> list[dict]:
     """One row per adapter on ``model``, in the order the adapters were added.
 
-    Each row: ``name`` (str), ``r`` (int, the config's rank), ``ranks`` (sorted distinct per-layer ranks, which
-    differ from ``[r]`` with ``rank_pattern``), ``lora_alpha`` (float), ``target_modules`` (list[str] | str),
-    ``layers`` (int, wrapped layers holding it), ``active`` (bool, active in at least one layer), ``trainable``
-    (bool, some weight has ``requires_grad``), ``parameters`` (int, elements of A, B, DoRA magnitudes and
-    ``modules_to_save`` copies), ``use_dora`` (bool) and ``merged`` (bool, merged into the base in some layer).
+    Each row: ``name`` (str), ``method`` (``"lora"``, ``"dora"``, ``"adalora"`` or ``"qrlora"``), ``r`` (int, the
+    config's rank: AdaLoRA's ``init_r``; None for a QR-LoRA rank chosen by energy), ``ranks`` (sorted distinct
+    per-layer ranks, which differ from ``[r]`` with ``rank_pattern``; AdaLoRA: kept components), ``lora_alpha``
+    (float; QR-LoRA's ``alpha``), ``target_modules`` (list[str] | str), ``layers`` (int, wrapped layers holding it),
+    ``active`` (bool, active in at least one layer), ``trainable`` (bool, some weight has ``requires_grad``),
+    ``parameters`` (int, elements of A, B, DoRA magnitudes, AdaLoRA's Λ, QR-LoRA's λ and ``modules_to_save``
+    copies), ``use_dora`` (bool) and ``merged`` (bool, merged into the base in some layer).
     """
     rows = []
     for name, config in adapter_configs(model).items():
-        tables = "lora_A|lora_B|lora_magnitude_vector|modules_to_save"
-        owned = re.compile(rf"(^|\.)({tables})\.{re.escape(name)}\.")
+        tables = "lora_A|lora_B|lora_E|lora_magnitude_vector|qr_lambda|modules_to_save"
+        owned = re.compile(rf"(^|\.)({tables})\.{re.escape(name)}(\.|$)")
         params = [p for path, p in model.named_parameters() if owned.search(path)]
-        layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+        layers = [(path, layer) for path, layer in adapter_layers(model) if name in _held(layer)]
+        method = {AdaLoraConfig: "adalora", QRLoraConfig: "qrlora"}.get(type(config))
+        use_dora = bool(getattr(config, "use_dora", False))
         rows.append(
             {
                 "name": name,
-                "r": config.r,
-                "ranks": sorted({layer.r[name] for layer in layers}),
-                "lora_alpha": config.lora_alpha,
+                "method": method or ("dora" if use_dora else "lora"),
+                "r": config.init_r if method == "adalora" else config.r,
+                "ranks": sorted({_rank_in_layer(layer, path, name, config) for path, layer in layers}),
+                "lora_alpha": config.alpha if method == "qrlora" else config.lora_alpha,
                 "target_modules": config.target_modules,
                 "layers": len(layers),
-                "active": any(name in layer.active_adapters for layer in layers),
+                "active": any(name in layer.active_adapters for _, layer in layers),
                 "trainable": any(p.requires_grad for p in params),
                 "parameters": sum(p.numel() for p in params),
-                "use_dora": config.use_dora,
-                "merged": any(name in layer.merged_adapters for layer in layers),
+                "use_dora": use_dora,
+                "merged": any(name in layer.merged_adapters for _, layer in layers),
             }
         )
     return rows

@@ -67,12 +67,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Returns:
         Path: The directory written.
 
+    An AdaLoRA adapter is written in PEFT's AdaLoRA format (trimmed to its rank pattern), a QR-LoRA adapter
+    in lorakit's (:mod:`lorakit.variants`).
+
     Raises:
         ConfigError: The model has no adapter of that name.
     """
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} to save; present: {sorted(configs)}")
+    if not isinstance(configs[adapter_name], LoraConfig):
+        from lorakit.variants import save_variant  # variants builds on this module: import it here
+
+        return save_variant(model, path, adapter_name)
     path = Path(path)
     tensors = {
         key: tensor.detach().to("cpu").contiguous().clone()
@@ -145,15 +152,24 @@ def load_adapter(
         path (str | PathLike): Adapter directory.
         adapter_name (str): Name to give the adapter on this model. Default ``"default"``.
         is_trainable (bool): Leave its weights trainable (to continue training). Default False.
-        activate (bool): Make it the active adapter. Default True.
+        activate (bool): Make it the active adapter. Default True. With False the active adapters stay as they
+            were (none on a model that had no adapter) and the new one is inactive.
 
     Returns:
         nn.Module: The same ``model``.
+
+    AdaLoRA (``peft_type: ADALORA``, lorakit's or PEFT's) and QR-LoRA (``LORAKIT_QRLORA``) directories are
+    loaded by :mod:`lorakit.variants`.
 
     Raises:
         AdapterFileError: Missing or corrupt files.
         AdapterMismatchError: The adapter's module paths or shapes do not fit the model (first mismatch).
     """
+    from lorakit.variants import LOADERS, read_config_json  # variants builds on this module: import it here
+
+    loader = LOADERS.get(read_config_json(path).get("peft_type"))
+    if loader is not None:
+        return loader(model, path, adapter_name, is_trainable=is_trainable, activate=activate)
     config = read_adapter_config(path)
     weights = read_adapter_weights(path)
     had = set(adapter_configs(model))
@@ -168,10 +184,11 @@ def load_adapter(
         if adapter_name not in had:
             delete_adapter(model, adapter_name)
         raise
-    mark_trainable(model, adapter_name, is_trainable)
     if activate:
         set_adapter(model, adapter_name)
-        mark_trainable(model, adapter_name, is_trainable)
+    elif not had:
+        set_adapter(model, [])  # wrap() activates a model's first adapter; activate=False means none
+    mark_trainable(model, adapter_name, is_trainable)
     return model
 
 

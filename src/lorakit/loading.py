@@ -10,6 +10,7 @@ head and norms stay in the compute dtype unless asked otherwise.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
+from lorakit.inject import head_module_path, in_head
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -93,12 +97,13 @@ def stream_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Ten
 
 
 def _quantizable(model: nn.Module, keep: set[str]) -> set[str]:
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    """Paths of the Linear / Conv1D layers to store in 4 bits: all but the output head and ``keep``."""
+    head = head_module_path(model)
     paths = set()
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+        if isinstance(module, (nn.Linear, Conv1D)) and not in_head(name, head):
             leaf = name.rsplit(".", 1)[-1]
-            if name not in keep and leaf not in keep:
+            if name not in keep and leaf not in keep and not any(name.startswith(k + ".") for k in keep):
                 paths.add(name)
     return paths
 
@@ -213,6 +218,10 @@ def load_model(
     persistent = dict(model.named_parameters())
     persistent.update((k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in persistent)
     missing = sorted(k for k, v in persistent.items() if v.is_meta)
+    head = head_module_path(model)
+    if missing and model_class is not None and all(in_head(k.rpartition(".")[0], head) for k in missing):
+        _init_fresh_head(model, head, missing, device, path)
+        missing = []
     if missing:
         raise ConfigError(
             f"{path}: the checkpoint has no tensor for {missing[0]!r} ({len(missing)} missing in all)"
@@ -220,6 +229,21 @@ def load_model(
     _materialize_non_persistent_buffers(model, device)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _init_fresh_head(
+    model: nn.Module, head: str, missing: list[str], device: torch.device, path: Path
+) -> None:
+    """A base checkpoint under a task class (e.g. a sequence classifier): initialize its new head as transformers does."""
+    module = model.get_submodule(head)
+    module.to_empty(device=device)
+    for sub in module.modules():
+        model._init_weights(sub)
+    logger.warning(
+        "%s has no weights for the %s head (%s): they are newly initialized; train them in full, e.g. "
+        "modules_to_save=[%r]",
+        path, head, ", ".join(missing), head.rsplit(".", 1)[-1],
+    )  # fmt: skip
 
 
 def _quantize_into(

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from lorakit.adapters.adalora import AdaLoraConfig
+from lorakit.adapters.qrlora import QRLoraConfig
 from lorakit.config import LoraConfig, is_pissa_init
 from lorakit.data import DataConfig
 from lorakit.errors import ConfigError
@@ -88,6 +90,27 @@ class ModelSection:
                 raise _fail("model", name, "true or false", getattr(self, name))
 
 
+# Fields of one variant only (None: not set, the method's default applies). Setting one for another method is an
+# error, as is changing a LoRA field the chosen method does not read: either would be silently ignored.
+_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
+_QRLORA_FIELDS = ("tau", "max_r", "qr_alpha")
+_IGNORED_BY = {
+    "adalora": ("use_rslora", "rank_pattern", "alpha_pattern", "stack_on"),
+    "qrlora": (
+        "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern", "stack_on",
+    ),
+}  # fmt: skip
+_IGNORED_HINT = {"lora_alpha": " (QR-LoRA's scale is adapter.qr_alpha)"}
+
+
+def _section_message(message: str) -> str:
+    """Name the recipe's ``adapter.<field>`` in a config class's error message."""
+    message = message.replace("QRLoraConfig.alpha ", "adapter.qr_alpha ")
+    for owner in ("AdaLoraConfig", "QRLoraConfig", "LoraConfig"):  # AdaLoraConfig contains "LoraConfig"
+        message = message.replace(f"{owner}.", "adapter.").replace(f"{owner}:", "adapter:")
+    return message
+
+
 @dataclass
 class AdapterSection:
     """The adapter: a method plus :class:`~lorakit.LoraConfig`'s fields (same names and meanings).
@@ -95,7 +118,20 @@ class AdapterSection:
     Args:
         method (str): ``"lora"`` (default), ``"dora"``, ``"adalora"`` or ``"qrlora"``.
         stack_on (list[str]): Adapter directories loaded frozen under the new one (continual learning).
+        init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight: AdaLoRA only
+            (:class:`~lorakit.adapters.adalora.AdaLoraConfig`, PEFT's names). Unset (null) means PEFT's
+            default: ``init_r`` = ``r``, ``target_r`` 8, ``tinit`` 0, ``tfinal`` 0, ``deltaT`` 1, ``beta1`` and
+            ``beta2`` 0.85, ``orth_reg_weight`` 0.5. ``total_step`` is the run's number of optimizer steps.
+            ``r``, ``lora_alpha``, ``lora_dropout``, ``init_lora_weights`` (true/false) and the target fields
+            apply too.
+        tau, max_r, qr_alpha: QR-LoRA only (:class:`~lorakit.adapters.qrlora.QRLoraConfig`). Without ``tau``
+            every target keeps a fixed ``r`` components; with ``tau`` (in (0, 1]) the smallest rank whose
+            diagonal energy reaches it, capped by ``max_r`` (default 16). ``qr_alpha`` scales the update
+            (default 1). ``lora_alpha`` and ``lora_dropout`` do not apply.
         Other fields: see :class:`~lorakit.LoraConfig`.
+
+    Raises:
+        ConfigError: An invalid field, or a field the chosen method does not read (``adapter.<field>``).
     """
 
     method: str = "lora"
@@ -111,19 +147,90 @@ class AdapterSection:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     stack_on: list[str] = field(default_factory=list)
+    init_r: int | None = None
+    target_r: int | None = None
+    tinit: int | None = None
+    tfinal: int | None = None
+    deltaT: int | None = None  # PEFT's name
+    beta1: float | None = None
+    beta2: float | None = None
+    orth_reg_weight: float | None = None
+    tau: float | None = None
+    max_r: int | None = None
+    qr_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise _fail("adapter", "method", f"one of {', '.join(METHODS)}", self.method)
+        self._check_fields_apply()
         if is_pissa_init(self.init_lora_weights) and self.stack_on:
             # PiSSA replaces the base weights by residuals; adapters trained on the original weights would not fit.
             raise _fail(
                 "adapter", "init_lora_weights", "no PiSSA init together with stack_on", self.init_lora_weights
             )
         try:
-            self.lora_config()
+            self.lora_config()  # the fields every method shares (r, targets ...)
+            self.adapter_config()
         except ConfigError as err:
-            raise ConfigError(str(err).replace("LoraConfig.", "adapter.")) from None
+            raise ConfigError(_section_message(str(err))) from None
+
+    def _check_fields_apply(self) -> None:
+        def default(name: str) -> Any:
+            spec = self.__dataclass_fields__[name]
+            return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+        for method, names in (("adalora", _ADALORA_FIELDS), ("qrlora", _QRLORA_FIELDS)):
+            for name in names:
+                if self.method != method and getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"adapter.{name}={getattr(self, name)!r} applies to method {method} only, but "
+                        f"adapter.method is {self.method}; remove it or set adapter.method={method}"
+                    )
+        for name in _IGNORED_BY.get(self.method, ()):
+            if getattr(self, name) != default(name):
+                raise ConfigError(
+                    f"adapter.{name}={getattr(self, name)!r} does not apply to method {self.method} and would be "
+                    f"ignored; remove it{_IGNORED_HINT.get(name, '') if self.method == 'qrlora' else ''}"
+                )
+        if self.method == "adalora" and self.init_r is not None and self.r not in (self.init_r, default("r")):
+            raise ConfigError(
+                f"adapter.r={self.r} and adapter.init_r={self.init_r} disagree: for AdaLoRA r is the initial rank; "
+                "set only one of them"
+            )
+        if self.method == "qrlora" and self.tau is not None and self.r != default("r"):
+            raise ConfigError(
+                f"adapter.r={self.r} (a fixed QR-LoRA rank) and adapter.tau={self.tau} (the rank chosen by "
+                "energy) exclude each other; remove one (adapter.max_r caps the energy-chosen rank)"
+            )
+        if self.method == "qrlora" and self.max_r is not None and self.tau is None:
+            raise ConfigError(
+                f"adapter.max_r={self.max_r} caps the rank chosen by the energy threshold adapter.tau, which is "
+                "not set; set adapter.tau too, or use adapter.r for a fixed rank"
+            )
+
+    def adapter_config(self) -> LoraConfig | AdaLoraConfig | QRLoraConfig:
+        """The config object of ``method``: :class:`~lorakit.LoraConfig` (``lora``, ``dora``),
+        :class:`~lorakit.adapters.adalora.AdaLoraConfig` (``total_step`` left for the training loop) or
+        :class:`~lorakit.adapters.qrlora.QRLoraConfig`."""
+        targets = {
+            "target_modules": self.target_modules, "exclude_modules": self.exclude_modules,
+            "modules_to_save": self.modules_to_save, "layers_to_transform": self.layers_to_transform,
+        }  # fmt: skip
+        if self.method == "adalora":
+            given = {name: getattr(self, name) for name in _ADALORA_FIELDS if getattr(self, name) is not None}
+            given.setdefault("init_r", self.r)
+            return AdaLoraConfig(
+                **given, **targets, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                init_lora_weights=self.init_lora_weights,
+            )  # fmt: skip
+        if self.method == "qrlora":
+            given = {"max_r": self.max_r} if self.max_r is not None else {}
+            if self.qr_alpha is not None:
+                given["alpha"] = self.qr_alpha
+            if self.tau is None:
+                return QRLoraConfig(r=self.r, **given, **targets)
+            return QRLoraConfig(r=None, tau=self.tau, **given, **targets)
+        return self.lora_config()
 
     def lora_config(self) -> LoraConfig:
         """The :class:`~lorakit.LoraConfig` this section describes."""
@@ -160,6 +267,9 @@ class TrainSection:
         eval_generate (int): Validation rows answered greedily before and after training to report exact
             match (alpaca data). Default 0 (off).
         max_new_tokens (int): Longest generated answer in that report. Default 64.
+        activation_offload (bool): With ``model.gradient_checkpointing``, keep the checkpointed decoder-layer
+            inputs in pinned CPU memory on CUDA (:mod:`lorakit.activations`); on CPU there is nothing to offload
+            (a warning says so). Default False.
         chunked_loss (bool): Compute the loss over target tokens only, a chunk at a time, never
             materializing the full fp32 logits. Default True.
     """
@@ -187,6 +297,7 @@ class TrainSection:
     eval_generate: int = 0
     max_new_tokens: int = 64
     chunked_loss: bool = True
+    activation_offload: bool = False
 
     def __post_init__(self) -> None:
         if not _is_number(self.epochs) or self.epochs <= 0:
@@ -221,7 +332,7 @@ class TrainSection:
                 raise _fail("train", name, f"one of {', '.join(choices)}", getattr(self, name))
         if not _is_int(self.seed):
             raise _fail("train", "seed", "an integer", self.seed)
-        for name in ("tensorboard", "chunked_loss"):
+        for name in ("tensorboard", "chunked_loss", "activation_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail("train", name, "true or false", getattr(self, name))
 

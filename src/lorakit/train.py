@@ -20,14 +20,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.adapters.pissa import initial_state, quantize_model, save_as_lora
+from lorakit.adapters.rank_allocator import AdaLoraController
+from lorakit.arithmetic import stack_adapters
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.config import is_pissa_init
 from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.data.formats import read_rows
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluate import evaluate_loss, exact_match_report
-from lorakit.inject import mark_trainable, set_adapter, wrap
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loading import DTYPE_NAMES, load_model
 from lorakit.loss import causal_lm_loss_sum
@@ -35,6 +37,7 @@ from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import plot_metrics
 from lorakit.recipe import Recipe
+from lorakit.variants import wrap_adapter
 
 RECIPE_NAME = "recipe.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -100,6 +103,11 @@ def load_base(recipe: Recipe, quantize: bool = True):
     """
     section = recipe.model
     path = Path(section.path)
+    if recipe.train.activation_offload and not section.gradient_checkpointing:
+        raise ConfigError(
+            "train.activation_offload=true offloads the inputs kept by gradient checkpointing; set "
+            "model.gradient_checkpointing=true too, or train.activation_offload=false"
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: expected a Hugging Face model directory with config.json, got {path}")
     tokenizer = AutoTokenizer.from_pretrained(
@@ -110,8 +118,8 @@ def load_base(recipe: Recipe, quantize: bool = True):
         blocksize=section.blocksize, compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),
         trust_remote_code=section.trust_remote_code,
     )  # fmt: skip
-    if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if section.gradient_checkpointing:  # per decoder layer, non-reentrant (lorakit.activations)
+        enable_checkpointing(model, offload=recipe.train.activation_offload)
     return tokenizer, model
 
 
@@ -200,10 +208,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     train_cfg, device = recipe.train, _device()
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if recipe.adapter.method not in ("lora", "dora"):
-        raise ConfigError(
-            f"adapter.method={recipe.adapter.method} is validated but not available in this version"
-        )
+    if device.type == "cpu":  # freed activations go back to the OS instead of staying in the heap
+        return_freed_memory_to_os()
     out = _check_output_dir(recipe, bool(resume))
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_NAME).write_text(recipe.to_yaml())
@@ -214,16 +220,15 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     stacked = [f"stacked_{i}" for i in range(len(recipe.adapter.stack_on))]
     for name, path in zip(stacked, recipe.adapter.stack_on):
         load_adapter(model, path, adapter_name=name, activate=False)
-    wrap(model, recipe.adapter.lora_config(), adapter_name="default")
+    # LoRA / DoRA / PiSSA, AdaLoRA or QR-LoRA, by adapter.method
+    wrap_adapter(model, recipe.adapter.adapter_config(), adapter_name="default")
     pissa_start = initial_state(model) if pissa else None
     if pissa and recipe.model.quantize:  # QPiSSA: the residuals (and the other Linears) go to 4 bits now
         base = recipe.model
         dtype = DTYPE_NAMES[base.compute_dtype]
         quantize_model(model, base.quantize, base.blocksize, base.double_quant, dtype)
-    if stacked:  # continual learning: earlier adapters active but frozen, only the new one trains
-        set_adapter(model, [*stacked, "default"])
-        for name in stacked:
-            mark_trainable(model, name, False)
+    if stacked:  # continual learning: earlier adapters active, frozen, without dropout; the new one trains
+        stack_adapters(model, frozen=stacked, trainable="default")
     train_set, val_set, stats = load_dataset(recipe.data, tokenizer)
     if len(train_set) == 0:
         raise DataError(f"{recipe.data.path}: no training samples")
@@ -242,6 +247,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         optimizer, lambda s: lr_lambda(s, total_steps, warmup, train_cfg.scheduler)
     )
     scaler = torch.amp.GradScaler("cuda") if train_cfg.precision == "fp16" else None
+    controller = _adalora_controller(model, recipe, total_steps)
 
     state: dict[str, Any] = {"step": 0, "micro_index": 0, "history": [], "best_eval": None, "bad_evals": 0}
     checkpoints = out / "checkpoints"
@@ -251,7 +257,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         )
         if source is None:
             raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume")
-        state = load_checkpoint(source, model, optimizer)
+        state = load_checkpoint(source, model, optimizer, controller=controller)
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {source} at step {state['step']}")
 
@@ -285,6 +291,13 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
                 model, micro, device, train_cfg.precision, train_cfg.chunked_loss, scaler
             )
             tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+            if controller is not None:
+                # AdaLoRA's orthogonality regularizer, once per optimizer step: the micro-batch losses above
+                # already sum to the mean token loss of the whole step, so adding it per micro-batch would count
+                # it grad_accum times. Logged apart from the task loss (which eval_loss is comparable to).
+                orth_reg = controller.regularizer(model)
+                (scaler.scale(orth_reg) if scaler else orth_reg).backward()
+                orth_reg_value = orth_reg.item()
             if not math.isfinite(loss_total):
                 last = list_checkpoints(checkpoints)
                 raise TrainingError(
@@ -301,6 +314,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
                 scaler.update()
             else:
                 optimizer.step()
+            if controller is not None:  # PEFT's update_and_allocate: after the update, before zero_grad
+                controller.step(model, state["step"] + 1)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state["step"] += 1
@@ -310,6 +325,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
             speed = tokens_seen / max(1e-9, now - window_start)
             line = {"step": step, "epoch": round(state["micro_index"] / len(batches), 4), "loss": loss_total,
                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(speed, 1)}  # fmt: skip
+            if controller is not None:
+                line.update(orth_reg=orth_reg_value, adalora_rank=controller.kept_rank())
             state["history"].append(line)
             if step % train_cfg.log_every == 0 or step == total_steps:
                 metrics_file.write(json.dumps(line) + "\n")
@@ -352,7 +369,9 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
                 or stop
             ):
                 state["scheduler"] = scheduler.state_dict()
-                save_checkpoint(checkpoints / f"step-{step:06d}", model, optimizer, state)
+                save_checkpoint(
+                    checkpoints / f"step-{step:06d}", model, optimizer, state, controller=controller
+                )
                 prune_checkpoints(checkpoints, train_cfg.keep_last)
             if stop:
                 result.stopped_early = True
@@ -384,6 +403,21 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         )
     )
     return result
+
+
+def _adalora_controller(model: torch.nn.Module, recipe: Recipe, total_steps: int) -> AdaLoraController | None:
+    """AdaLoRA's rank allocator for a run of ``total_steps`` optimizer steps (None for other methods)."""
+    if recipe.adapter.method != "adalora":
+        return None
+    config = recipe.adapter
+    try:
+        return AdaLoraController(model, "default", total_step=total_steps)
+    except ConfigError:
+        raise ConfigError(
+            f"adapter.tinit={config.tinit or 0} and adapter.tfinal={config.tfinal or 0} leave no steps for "
+            f"AdaLoRA's rank budget in this run of {total_steps} optimizer steps (train.max_steps / train.epochs): "
+            "expected tinit < steps - tfinal; lower them or train longer"
+        ) from None
 
 
 def _tensorboard(out: Path):

@@ -26,6 +26,7 @@ from lorakit.adapters.adalora import AdaLoraConfig, AdaLoraLinear
 from lorakit.adapters.base import AdapterLinear
 from lorakit.adapters.lora import LoraLinear, ModulesToSaveWrapper, base_layer_shape
 from lorakit.adapters.qrlora import QRLoraConfig, QRLoraLinear
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
 from lorakit.inject import (
     _infer_task_type,
@@ -33,7 +34,9 @@ from lorakit.inject import (
     _wrap_modules_to_save,
     adapter_configs,
     adapter_state_dict,
+    delete_adapter,
     resolve_targets,
+    wrap,
 )
 from lorakit.io import (
     CONFIG_NAME,
@@ -54,23 +57,9 @@ def variant_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
             yield name, module
 
 
-@contextlib.contextmanager
-def _bases_in_place(model: nn.Module) -> Iterator[None]:
-    """Put each variant wrapper's base layer back at its path while targets are resolved, so a second adapter
-    finds the modules the first one wrapped (``resolve_targets`` sees through ``LoraLinear`` only)."""
-    wrappers = list(variant_layers(model))
-    for path, layer in wrappers:
-        _set_submodule(model, path, layer.base_layer)
-    try:
-        yield
-    finally:
-        for path, layer in wrappers:
-            _set_submodule(model, path, layer)
-
-
 def _target_paths(model: nn.Module, config, strict: bool) -> list[str]:
-    with _bases_in_place(model):
-        return resolve_targets(model, config, strict=strict)
+    # resolve_targets sees through LoraLinear and AdapterLinear wrappers: a second adapter finds the same paths
+    return resolve_targets(model, config, strict=strict)
 
 
 def _begin(model: nn.Module, config, adapter_name: str) -> bool:
@@ -196,6 +185,27 @@ def wrap_qrlora(
             layer.add_adapter(adapter_name, *factors[path], config.alpha)
         layer.set_trainable(adapter_name, first)
     return _finish(model, config, adapter_name, first)
+
+
+def wrap_adapter(
+    model: nn.Module,
+    config: LoraConfig | AdaLoraConfig | QRLoraConfig,
+    adapter_name: str = "default",
+    strict: bool = True,
+) -> nn.Module:
+    """Add an adapter of the method ``config`` describes: :func:`lorakit.wrap` (LoRA, DoRA, PiSSA),
+    :func:`wrap_adalora` or :func:`wrap_qrlora`.
+
+    Raises:
+        ConfigError: ``config`` is none of the three config classes.
+    """
+    if isinstance(config, AdaLoraConfig):
+        return wrap_adalora(model, config, adapter_name, strict=strict)
+    if isinstance(config, QRLoraConfig):
+        return wrap_qrlora(model, config, adapter_name, strict=strict)
+    if isinstance(config, LoraConfig):
+        return wrap(model, config, adapter_name, strict=strict)
+    raise ConfigError(f"expected a LoraConfig, AdaLoraConfig or QRLoraConfig, got {type(config).__name__}")
 
 
 def count_qrlora_parameters(model: nn.Module, config: QRLoraConfig) -> int:
@@ -329,13 +339,31 @@ def _copy_tensors(expected: dict[str, torch.Tensor], weights: dict[str, torch.Te
             expected[key].copy_(weights[key].to(device=expected[key].device, dtype=expected[key].dtype))
 
 
+@contextlib.contextmanager
+def _removed_on_mismatch(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Delete the just-added adapter again if its file does not fit the model (as ``lorakit.load_adapter``)."""
+    try:
+        yield
+    except AdapterMismatchError:
+        delete_adapter(model, adapter_name)
+        raise
+
+
 def _finish_load(model: nn.Module, adapter_name: str, is_trainable: bool, activate_it: bool) -> nn.Module:
+    """Activate the loaded adapter, or leave the active adapters as they were (as ``lorakit.load_adapter``:
+    the first adapter wrapped on a model would otherwise be active)."""
     if activate_it:
         activate(model, adapter_name, trainable=is_trainable)
-    else:
-        for _, layer in variant_layers(model):
-            if adapter_name in layer.adapter_names():
-                layer.set_trainable(adapter_name, is_trainable)
+        return model
+    for _, layer in variant_layers(model):
+        if adapter_name in layer.adapter_names():
+            layer.active_adapters = [name for name in layer.active_adapters if name != adapter_name]
+            layer.set_trainable(adapter_name, is_trainable)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            if module.active_adapter == adapter_name:
+                module.active_adapter = None
+            module.modules_to_save[adapter_name].requires_grad_(is_trainable)
     return model
 
 
@@ -362,7 +390,8 @@ def load_adalora(
         if key.startswith(PREFIX) and key.endswith(".lora_A")
     }
     wrap_adalora(model, config, adapter_name, ranks=ranks, strict=False)
-    _copy_tensors(adalora_state_dict(model, adapter_name, trim=False), weights, source)
+    with _removed_on_mismatch(model, adapter_name):
+        _copy_tensors(adalora_state_dict(model, adapter_name, trim=False), weights, source)
     return _finish_load(model, adapter_name, is_trainable, activate)
 
 
@@ -399,7 +428,8 @@ def load_qrlora(
             )
         factors[target] = (q, rp)
     wrap_qrlora(model, config, adapter_name, factors=factors, strict=False)
-    _copy_tensors(qrlora_state_dict(model, adapter_name), weights, source)
+    with _removed_on_mismatch(model, adapter_name):
+        _copy_tensors(qrlora_state_dict(model, adapter_name), weights, source)
     return _finish_load(model, adapter_name, is_trainable, activate)
 
 
@@ -504,5 +534,6 @@ __all__ = [
     "unmerge_variants",
     "variant_layers",
     "wrap_adalora",
+    "wrap_adapter",
     "wrap_qrlora",
 ]

@@ -239,7 +239,8 @@ class AdaLoraLinear(AdapterLinear):
         if name in self.merged_adapters:
             self.unmerge()
         for table in (self.lora_A, self.lora_B, self.lora_E, self.lora_dropout):
-            table.pop(name, None)
+            if name in table:  # ParameterDict.pop takes no default
+                del table[name]
         for table in (self.r, self.lora_alpha, self.ranknum):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import LoraConfig, is_pissa_init
 from lorakit.errors import ConfigError
-from lorakit.inject import _output_head_path, adapter_configs, adapter_state_dict, lora_layers, wrap
+from lorakit.inject import adapter_configs, adapter_state_dict, head_module_path, in_head, lora_layers, wrap
 from lorakit.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -125,8 +125,8 @@ def quantize_model(
     """Quantize every full-precision Linear / Conv1D of a wrapped model to 4 bits, in place (QLoRA layout).
 
     Wrapped layers keep their adapters and get a :class:`~lorakit.quant.Linear4bit` base (for PiSSA: the residual);
-    other Linear layers are replaced like :func:`lorakit.load_model` would. The output head, ``modules_to_save``
-    copies and adapter weights stay as they are.
+    other Linear layers are replaced like :func:`lorakit.load_model` would. The output head (LM or classification
+    head, wrapped or not), ``modules_to_save`` copies and adapter weights stay as they are.
 
     Args:
         model (nn.Module): A model wrapped with :func:`lorakit.wrap`.
@@ -143,15 +143,15 @@ def quantize_model(
         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
     )
     keep = set(keep_modules or [])
-    head = _output_head_path(model)
+    head = head_module_path(model)
     for path, layer in lora_layers(model):
-        if _quantizable(layer.base_layer) and not _kept(path, keep):
+        if _quantizable(layer.base_layer) and not in_head(path, head) and not _kept(path, keep):
             layer.replace_base_layer(
                 Linear4bit.from_linear(_as_linear(layer.base_layer), name=path, **settings)
             )
     for path, module in list(model.named_modules()):
         inside = re.search(r"\.(base_layer|lora_[A-Za-z_]+|modules_to_save|original_module)(\.|$)", path)
-        if _quantizable(module) and not inside and path != head and not _kept(path, keep):
+        if _quantizable(module) and not inside and not in_head(path, head) and not _kept(path, keep):
             parent, _, child = path.rpartition(".")
             quantized = Linear4bit.from_linear(_as_linear(module), name=path, **settings)
             setattr(model.get_submodule(parent) if parent else model, child, quantized)
@@ -274,7 +274,8 @@ def _quantizable(module: nn.Module) -> bool:
 
 
 def _kept(path: str, keep: set[str]) -> bool:
-    return path in keep or path.rsplit(".", 1)[-1] in keep
+    """``path`` is a kept name or path, or lies inside a kept module path."""
+    return path in keep or path.rsplit(".", 1)[-1] in keep or any(path.startswith(k + ".") for k in keep)
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:

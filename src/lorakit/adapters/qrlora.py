@@ -8,7 +8,7 @@ with ``Q_i`` the i-th column of ``Q`` and ``(R Pᵀ)_i`` the i-th row of ``R P�
 
 so ``W0 + ΔW = Σ_{i≤r} (1 + αλ_i) Q_i (R Pᵀ)_i + Σ_{i>r} Q_i (R Pᵀ)_i``: ``αλ_i`` is the relative change
 of component ``i``. The paper's text was not available to us; the choices made here (energy rule, scale,
-rank cap) and why are in ``docs/variants_adalora_qrlora.md``. ``r`` is either fixed or the smallest rank
+rank cap) and why are in ``docs/variants.md``. ``r`` is either fixed or the smallest rank
 whose diagonal energy ``Σ_{i≤r} R_ii² / Σ_i R_ii²`` reaches ``tau``, capped by ``max_r``.
 """
 
@@ -278,8 +278,9 @@ class QRLoraLinear(AdapterLinear):
         """Remove adapter ``name`` (unmerging first if merged)."""
         if name in self.merged_adapters:
             self.unmerge()
-        self.qr_lambda.pop(name, None)
-        self.qr_factors.pop(name, None)
+        for table in (self.qr_lambda, self.qr_factors):
+            if name in table:  # ParameterDict.pop takes no default
+                del table[name]
         self.alpha.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 

@@ -201,6 +201,13 @@ class AdaLoraController:
             layer.lora_E[self.adapter_name].masked_fill_(~keep[path].view(-1, 1), 0.0)
         self.config.rank_pattern = {f"{path}.lora_E": mask.tolist() for path, mask in keep.items()}
 
+    def kept_rank(self) -> int:
+        """Components kept over all adapted matrices: the sum of the current rank pattern, ``b(0)`` before the
+        first masking."""
+        if not self.config.rank_pattern:
+            return self.allocator.init_budget
+        return sum(sum(keep) for keep in self.config.rank_pattern.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The importance EMAs, for a training checkpoint (the rank pattern lives in the adapter config)."""
         return {
