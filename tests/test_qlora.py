@@ -111,15 +111,15 @@ def test_lora_on_4bit_layers_backward_and_prepare(model_dir):
 
 
 def test_qlora_training_loss_goes_down(model_dir, tmp_path):
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe import apply_overrides, recipe_from_dict
     from lorakit.train import train
 
-    recipe = load_recipe(None, [
+    recipe = recipe_from_dict(apply_overrides({}, [
         f"model.path={model_dir / 'model'}", "model.quantize=nf4", "model.compute_dtype=bfloat16",
         f"data.path={model_dir / 'train.jsonl'}", f"data.val_path={model_dir / 'val.jsonl'}",
         "train.max_steps=24", "train.batch_size=8", "train.grad_accum=1", "train.lr=5e-3", "train.precision=bf16",
         "train.warmup_steps=2", f"output_dir={tmp_path / 'run'}", "train.eval_every=24",
-    ])  # fmt: skip
+    ]))  # fmt: skip
     result = train(recipe, progress=False)
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.recipe import Recipe, load_recipe
+from lorakit.recipe import Recipe, apply_overrides, recipe_from_dict
 
 from tiny_models import write_alpaca, write_causal_lm_dir
 from tokenizer_factory import build_tokenizer
@@ -27,4 +27,5 @@ def tiny_recipe(root: Path, *overrides: str) -> Recipe:
         "train.max_steps=8", "train.batch_size=4", "train.grad_accum=2", "train.lr=5e-3",
         "train.precision=fp32", "train.warmup_steps=2", f"output_dir={root / 'out'}",
     ]  # fmt: skip
-    return load_recipe(None, [*base, *overrides])
+    # Built from the dataclass defaults, not the bundled quickstart recipe, so quickstart tuning never leaks here.
+    return recipe_from_dict(apply_overrides({}, [*base, *overrides]), source="test recipe")
