@@ -196,7 +196,7 @@ def main() -> None:
     )
     parser.add_argument("--allocator", choices=["fixed", "default"], default="fixed",
                         help="fixed: the measured process calls lorakit.activations.return_freed_memory_to_os() as "
-                        "lorakit train does on CPU (default); default: glibc's dynamic mmap threshold, whose heap "
+                        "lorakit train does on CPU with train.lean_cpu_heap (default); default: glibc's dynamic mmap threshold, whose heap "
                         "fragmentation adds to the peak (docs/plan.md)")  # fmt: skip
     parser.add_argument(
         "--models-dir", default="/tmp/lorakit_plan_models", help="where the built models are saved"

@@ -246,3 +246,14 @@ def test_recipe_optimizer_trains_and_resumes_exactly(workspace, tmp_path, optimi
     assert again.final_train_loss == pytest.approx(full.final_train_loss, abs=1e-6)
     for key, value in load_file(again.output_dir / "adapter_model.safetensors").items():
         torch.testing.assert_close(value, weights[key], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_lean_cpu_heap_changes_the_allocator_only_when_asked(workspace, tmp_path, monkeypatch, lean):
+    calls = []
+    monkeypatch.setattr("lorakit.train.return_freed_memory_to_os", lambda *a, **k: calls.append(a) or True)
+    recipe = tiny_recipe(
+        workspace, "train.max_steps=1", f"output_dir={tmp_path / 'run'}", f"train.lean_cpu_heap={lean}"
+    )
+    train(recipe, progress=False)
+    assert len(calls) == int(lean)

@@ -208,7 +208,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     train_cfg, device = recipe.train, _device()
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if device.type == "cpu":  # freed activations go back to the OS instead of staying in the heap
+    if device.type == "cpu" and train_cfg.lean_cpu_heap:  # freed tensors go back to the OS, at a cost in time
         return_freed_memory_to_os()
     out = _check_output_dir(recipe, bool(resume))
     out.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,20 @@ def _grid_lut(code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(grid, midpoints)
 
 
-_DYNAMIC_GRID_LUT = _grid_lut(DYNAMIC_MAP_SIGNED)
+_CACHE: dict[tuple[int, str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cached_on(code: torch.Tensor, device: torch.device, kind: str) -> torch.Tensor:
+    """``code`` itself (``"map"``) or its uint8 grid table (``"grid"``) on ``device``, built once per code tensor.
+
+    The key holds the code tensor's id and the entry keeps the tensor alive, so a key is never reused by another.
+    """
+    key = (id(code), kind, device)
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] is not code:
+        value = _grid_lut(code.cpu()).to(torch.uint8) if kind == "grid" else code
+        hit = _CACHE[key] = (code, value.to(device))
+    return hit[1]
 
 
 @dataclass
@@ -326,17 +339,22 @@ def quantize_blockwise_8bit(
         tuple: ``codes`` ``[n]`` uint8 and ``absmax`` ``[ceil(n / blocksize)]`` fp32 (0 for an all-zero block,
         whose codes are all 0).
     """
-    lut = (_DYNAMIC_GRID_LUT if code is None else _grid_lut(code)).to(x.device)
+    lut = _cached_on(code if code is not None else DYNAMIC_MAP_SIGNED, x.device, "grid")
     n = x.numel()
     pad = (-n) % blocksize
+    flat = x.reshape(-1).float()
     # zero padding leaves every absmax as it is
-    blocks = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, blocksize)  # [nb, bs]
-    absmax = blocks.abs().amax(dim=1)  # [nb]
-    inv = 1.0 / torch.where(absmax == 0, 1.0, absmax)  # an all-zero block gets codes 0 below, like bnb
-    v = torch.clamp(blocks * inv[:, None], -1, 1)
-    grid = (((v + 1.0) * 0.5) * (_GRID_POINTS - 1) + 0.5).to(torch.int32)  # truncation, as the C kernel
-    codes = torch.where(absmax[:, None] == 0, 0, lut[grid.long()]).to(torch.uint8)
-    return codes.reshape(-1)[:n], absmax
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)  # [nb, bs]
+    absmax = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)  # [nb] max |x|, one pass, no temporary
+    zero = absmax == 0
+    inv = 1.0 / torch.where(zero, 1.0, absmax)  # an all-zero block gets codes 0 below, like bnb
+    grid = blocks * inv[:, None]
+    # ((clamp(v) + 1) * 0.5) * 65535 + 0.5, op for op in place (the same fp32 roundings), then truncation as in C
+    grid.clamp_(-1, 1).add_(1.0).mul_(0.5).mul_(_GRID_POINTS - 1).add_(0.5)
+    codes = lut.index_select(0, grid.view(-1).to(torch.int32)).view(-1, blocksize)  # [nb, bs] uint8
+    if bool(zero.any()):
+        codes[zero] = 0
+    return codes.view(-1)[:n], absmax
 
 
 def dequantize_blockwise_8bit(
@@ -356,11 +374,14 @@ def dequantize_blockwise_8bit(
     Returns:
         torch.Tensor: ``[n]`` fp32.
     """
-    table = (DYNAMIC_MAP_SIGNED if code is None else code).to(codes.device)
+    table = _cached_on(code if code is not None else DYNAMIC_MAP_SIGNED, codes.device, "map")
     n = codes.numel()
-    values = table[codes.long()]
-    values = torch.nn.functional.pad(values, (0, (-n) % blocksize)).view(-1, blocksize) * absmax[:, None]
-    return values.reshape(-1)[:n]
+    pad = (-n) % blocksize
+    values = table.index_select(0, codes.reshape(-1).to(torch.int32))  # [n] fp32
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    values.view(-1, blocksize).mul_(absmax[:, None])
+    return values[:n]
 
 
 # --------------------------------------------------------------------------------------------------------------
