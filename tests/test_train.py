@@ -111,6 +111,20 @@ def test_existing_output_dir_is_refused_then_overwritten(workspace, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
 
 
+def test_a_start_that_fails_on_bad_data_leaves_nothing_that_blocks_the_fixed_run(workspace, tmp_path):
+    from lorakit.errors import LorakitError
+
+    out = tmp_path / "run"
+    with pytest.raises(LorakitError, match=r"missing\.jsonl"):
+        train(
+            tiny_recipe(workspace, f"output_dir={out}", f"data.path={tmp_path / 'missing.jsonl'}"),
+            progress=False,
+        )
+    assert not out.exists() or not any(out.iterdir())
+    train(tiny_recipe(workspace, f"output_dir={out}", "train.max_steps=1"), progress=False)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
     out = tmp_path / "run"
     recipe = tiny_recipe(

@@ -30,7 +30,7 @@ from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.data.formats import read_rows
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluate import evaluate_loss, exact_match_report
-from lorakit.io import load_adapter, save_adapter
+from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
 from lorakit.loading import DTYPE_NAMES, load_model
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.optim import build_optimizer as make_optimizer
@@ -211,8 +211,6 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     if device.type == "cpu" and train_cfg.lean_cpu_heap:  # freed tensors go back to the OS, at a cost in time
         return_freed_memory_to_os()
     out = _check_output_dir(recipe, bool(resume))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RECIPE_NAME).write_text(recipe.to_yaml())
     seed_everything(train_cfg.seed)
 
     pissa = is_pissa_init(recipe.adapter.init_lora_weights)
@@ -234,6 +232,10 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         raise DataError(f"{recipe.data.path}: no training samples")
     collator = make_collator(tokenizer)
     print(f"data: {stats.summary()}")
+    # Only now, with model and data loaded, does output_dir hold a run: a start that fails on bad input
+    # leaves nothing behind that would block the corrected run.
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())
 
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / train_cfg.batch_size) / train_cfg.grad_accum)
     total_steps = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
