@@ -183,6 +183,10 @@ def test_components_and_peak_phases():
     assert unchunked.component("logits / loss") == 8 * 511 * 32000 * 12
     cpu = plan_memory("mistral-7b", method="qlora", device="cpu")
     assert cpu.component("dequantization buffer") == 4096 * 14336 * 2
+    assert (
+        "lean_cpu_heap" in cpu.table()
+        and "lean_cpu_heap" not in plan_memory("mistral-7b", method="qlora").table()
+    )
 
 
 def test_bad_input_messages():

@@ -37,6 +37,8 @@ from typing import Any
 
 from lorakit.errors import ConfigError
 from lorakit.loss import CHUNK_TOKENS
+from lorakit.optim.adamw8bit import CHUNK_ELEMENTS as OPTIM_CHUNK  # AdamW8bit's update chunks: CUDA, CPU
+from lorakit.optim.adamw8bit import CPU_CHUNK_ELEMENTS as OPTIM_CHUNK_CPU
 from lorakit.presets import ModelShape
 
 METHODS = ("full", "lora", "qlora")
@@ -57,7 +59,6 @@ TARGETS: dict[str, tuple[str, ...]] = {
 RUNTIME_BYTES = {"cpu": 440_000_000, "cuda": 500_000_000}
 MIN_8BIT_SIZE = 4096  # lorakit.optim.adamw8bit: smaller tensors keep fp32 moments (as bitsandbytes)
 OPTIM_BLOCKSIZE = 256
-OPTIM_CHUNK = 1 << 22  # AdamW8bit updates 4M elements at a time
 MIN_PAGED_SIZE = 100_000  # lorakit.optim.paged: smaller states stay on the GPU
 NESTED_BLOCKSIZE = 256
 LOGIT_BYTES_BACKWARD = 12  # fp32 log-softmax + its gradient + the gradient of the logits, per logit
@@ -251,6 +252,13 @@ class MemoryPlan:
             f"peak       {self.peak_bytes / 1e9:.2f} GB during {self.peak_phase} "
             f"(always {always / 1e9:.2f} + max(forward/backward {fb / 1e9:.2f}, step {step / 1e9:.2f}))",
         ]
+        if (
+            c.device == "cpu"
+        ):  # the planner counts live tensors; glibc keeps freed ones resident (docs/plan.md)
+            lines.append(
+                "note       CPU: this is the RSS with train.lean_cpu_heap=true; with glibc's default heap "
+                "expect 20-35% more"
+            )
         if self.budget_bytes is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"budget     {self.budget_bytes / 1e9:.2f} GB: {verdict}")
@@ -374,7 +382,7 @@ def _optimizer(tensors: list[int], param_bytes: int, config: PlanConfig) -> list
         temporaries = (sum(tensors) if config.device == "cuda" else 2 * largest) * param_bytes
         how = "foreach sqrt(v) of all tensors" if config.device == "cuda" else "sqrt(v) of the largest tensor"
     else:  # one chunk: decoded moments, fp32 copies, sqrt / denominator, requantization
-        chunk = min(largest, OPTIM_CHUNK)
+        chunk = min(largest, OPTIM_CHUNK_CPU if config.device == "cpu" else OPTIM_CHUNK)
         per_element = 48 if eight_bit else 16
         temporaries = per_element * chunk
         how = f"one chunk of {chunk:,d} elements"
