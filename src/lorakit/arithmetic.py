@@ -16,7 +16,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.inject import adapter_configs, lora_layers, mark_trainable, resolve_targets, set_adapter, wrap
+from lorakit.inject import adapter_configs, lora_layers, mark_trainable, set_adapter, wrap
+from lorakit.targets import resolve_targets
 
 Combination = Literal["linear", "cat", "svd"]
 COMBINATIONS = ("linear", "cat", "svd")

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
-from lorakit.inject import head_module_path, in_head
+from lorakit.targets import head_module_path, in_head
 
 logger = logging.getLogger(__name__)
 

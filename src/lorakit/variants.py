@@ -1,6 +1,6 @@
 """Model-level entry points for AdaLoRA and QR-LoRA: wrap, save, load, merge, count.
 
-Targets are found with :func:`lorakit.inject.resolve_targets` (PEFT's matching rules), each target is wrapped
+Targets are found with :func:`lorakit.targets.resolve_targets` (PEFT's matching rules), each target is wrapped
 with its method's layer, base weights are frozen, and the config is kept in ``model.lorakit_configs`` like a
 LoRA adapter's. Files: AdaLoRA in PEFT's format (``peft_type: ADALORA``, keys
 ``base_model.model.<path>.lora_A`` / ``lora_E`` / ``lora_B`` without ``.weight``, tensors trimmed to
@@ -35,7 +35,6 @@ from lorakit.inject import (
     adapter_configs,
     adapter_state_dict,
     delete_adapter,
-    resolve_targets,
     wrap,
 )
 from lorakit.io import (
@@ -45,6 +44,7 @@ from lorakit.io import (
     atomic_write_bytes,
     read_adapter_weights,
 )
+from lorakit.targets import resolve_targets
 
 PREFIX = "base_model.model."
 

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import LoraConfig, is_pissa_init
 from lorakit.errors import ConfigError
-from lorakit.inject import adapter_configs, adapter_state_dict, head_module_path, in_head, lora_layers, wrap
+from lorakit.inject import adapter_configs, adapter_state_dict, lora_layers, wrap
 from lorakit.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -44,6 +44,7 @@ from lorakit.io import (
     read_adapter_weights,
 )
 from lorakit.quant import Linear4bit
+from lorakit.targets import head_module_path, in_head
 
 if TYPE_CHECKING:
     from lorakit.adapters.lora import LoraLinear
