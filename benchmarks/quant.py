@@ -73,6 +73,7 @@ def bench_shape(shape: tuple[int, int], tokens: int, repeats: int) -> dict:
     x = torch.randn(tokens, in_features, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, out_features, dtype=torch.bfloat16)
     bnb_weight = bnb_packed.t()  # matmul_4bit takes the transposed packed view
+    buffer = torch.empty(shape, dtype=torch.bfloat16)
 
     timings = {
         "quantize": _median_seconds(
@@ -85,6 +86,15 @@ def bench_shape(shape: tuple[int, int], tokens: int, repeats: int) -> dict:
         "dequantize": _median_seconds(
             {
                 "lorakit": lambda: dequantize_4bit(packed, state, torch.bfloat16),
+                "bnb": lambda: bnbf.dequantize_4bit(bnb_packed, bnb_state),
+            },
+            repeats,
+        ),
+        # What Linear4bit does in forward and backward: write into a buffer it keeps. bnb's CPU op has no out=
+        # (bitsandbytes::dequantize_4bit.out is not registered for CPU), so its column is the allocating call.
+        "dequantize into a reused buffer": _median_seconds(
+            {
+                "lorakit": lambda: dequantize_4bit(packed, state, torch.bfloat16, out=buffer),
                 "bnb": lambda: bnbf.dequantize_4bit(bnb_packed, bnb_state),
             },
             repeats,

@@ -248,3 +248,25 @@ def test_cuda_matches_cpu(quant_type):
     torch.testing.assert_close(state_gpu.offset.cpu(), state.offset, rtol=1e-6, atol=0)
     absmax, absmax_gpu = nf4.dequantize_absmax(state), nf4.dequantize_absmax(state_gpu).cpu()
     torch.testing.assert_close(absmax_gpu, absmax, rtol=1e-2, atol=0)
+
+
+def test_large_fresh_outputs_are_advised_for_huge_pages_within_their_own_bytes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        fast, "_libc", [lambda start, length, advice: calls.append((start.value, length.value, advice))]
+    )
+    small = fast.empty_output(
+        torch.Size([1024, 1024]), torch.bfloat16, torch.device("cpu")
+    )  # 2 MB: left alone
+    assert calls == []
+    big = fast.empty_output(torch.Size([4096, 1024]), torch.bfloat16, torch.device("cpu"))  # 8 MB
+    ((start, length, advice),) = calls
+    assert advice == 14 and start % (1 << 21) == 0 and length % (1 << 21) == 0 and length >= 3 << 21
+    assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.numel() * 2
+    assert small.shape == (1024, 1024) and big.dtype == torch.bfloat16
+    # the advice changes no value: dequantizing into an advised output equals the reference
+    weight = torch.randn(4096, 1024)
+    packed, state = nf4.quantize_4bit(weight)
+    torch.testing.assert_close(
+        nf4.dequantize_4bit(packed, state), nf4.dequantize_4bit(packed, state, reference=True), rtol=0, atol=0
+    )

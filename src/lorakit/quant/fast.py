@@ -18,13 +18,20 @@ single-threaded goes through ``torch.set_num_threads(1)``, which also sets the p
 built once, and the default is put back right after (see ``_cpu_pool``). Results never depend on this, only speed.
 On accelerators the chunks are large and run in order on the calling thread.
 
+A fresh CPU output of several MB is advised for transparent huge pages (``madvise(MADV_HUGEPAGE)``, Linux): its first
+touch then faults 2 MB at a time instead of 4 KB, which took a 32 MB bf16 output's allocate-and-fill from ~8.5 ms to
+~1.5 ms here, more than the dequantization itself (~4 ms). Where the kernel ignores the advice, nothing changes.
+
 The code tables come in as arguments (this module imports nothing from lorakit) so that nf4.py can use it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +46,10 @@ _MARGIN = 0.05
 _TOP_BITS = int.from_bytes(b"\x80" * 8, "little", signed=True)  # 0x8080...80: the top bit of each byte
 _CPU_CHUNK = 2**18  # elements per chunk on CPU
 _DEVICE_CHUNK = 2**26  # accelerators prefer few large kernels
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_libc: list = []  # [CDLL or None], resolved once
 
 _tables: dict[tuple, torch.Tensor] = {}
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads): a forked child gets no threads
@@ -68,6 +79,30 @@ def _cpu_pool(threads: int) -> ThreadPoolExecutor:
             torch.set_num_threads(threads)  # the workers changed the process-wide default too: put it back
             _pools[key] = pool
         return _pools[key]
+
+
+def _madvise() -> Callable[..., int] | None:
+    if not _libc:
+        lib = None
+        if platform.system() == "Linux":
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+            except (OSError, AttributeError):
+                lib = None
+        _libc.append(lib)
+    return _libc[0]
+
+
+def empty_output(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty``; on CPU, its whole 2 MB pages advised for transparent huge pages when it spans several."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = out.numel() * out.element_size()
+    madvise = _madvise() if device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE else None
+    if madvise is not None:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the aligned pages inside the tensor only
+        stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_HUGEPAGE)  # advice: errors ignored
+    return out
 
 
 def _run_chunks(work: Callable[[int, int], None], n: int, blocksize: int, device: torch.device) -> None:
@@ -201,7 +236,7 @@ def dequantize_4bit_codes(
     """
     device = packed.device
     if out is None:
-        out = torch.empty(shape, dtype=dtype, device=device)
+        out = empty_output(shape, dtype, device)
     elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)}"
