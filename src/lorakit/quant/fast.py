@@ -101,7 +101,8 @@ def empty_output(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     if madvise is not None:
         start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the aligned pages inside the tensor only
         stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_HUGEPAGE)  # advice: errors ignored
+        # only advice: a kernel without THP (or an error) leaves the ordinary pages
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_HUGEPAGE)
     return out
 
 
