@@ -52,14 +52,7 @@ def _recipe(root, *overrides: str):
     return recipe_from_dict(apply_overrides({}, [*base, *overrides]), source="test recipe")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls run fastest on one thread, and one thread does not stall when other jobs share
-    the cores (two threads can then be 100x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

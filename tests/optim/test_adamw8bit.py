@@ -18,14 +18,7 @@ from lorakit.optim import OPTIMIZERS, AdamW8bit, build_optimizer
 
 from tiny_models import VOCAB, sample_ids, tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared, loaded 2-core machine a second thread made the loss-curve test 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # [64, 130] and [300, 33] have 8-bit state and a partial last block; [40, 50] (2000 < 4096) keeps fp32 state.
