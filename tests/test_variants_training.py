@@ -95,6 +95,27 @@ def _eval_loss(recipe, tokenizer, model) -> float:
 IDS = torch.tensor([[1, 5, 9, 30, 44, 2, 17, 8]])
 
 
+def test_arithmetic_compression_and_stacking_refuse_variant_adapters_by_name(tmp_path):
+    from lorakit.adapters.adalora import AdaLoraConfig
+    from lorakit.arithmetic import add_weighted_adapter, stack_adapters
+    from lorakit.compress import save_adapter_int8
+    from lorakit.variants import wrap_adapter
+
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    lorakit.wrap(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="plain")
+    ada = AdaLoraConfig(init_r=6, target_r=4, total_step=10, target_modules=["k_proj"])
+    wrap_adapter(model, ada, adapter_name="ada")
+    with pytest.raises(ConfigError, match=r"add_weighted_adapter: .* 'ada' is an AdaLoRA adapter"):
+        add_weighted_adapter(model, ["ada"], [1.0], "sum")
+    with pytest.raises(ConfigError, match=r"save_adapter_int8: .* 'ada' is an AdaLoRA adapter"):
+        save_adapter_int8(model, tmp_path / "int8", adapter_name="ada")
+    assert not (tmp_path / "int8").exists()
+    with pytest.raises(ConfigError, match=r"stack_adapters: .* 'ada' is an AdaLoRA adapter"):
+        stack_adapters(model, frozen=["ada"], trainable="plain")
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_training_lowers_the_loss_and_the_saved_adapter_reproduces_the_model(runs, method):
     recipe, result = runs[method]["recipe"], runs[method]["result"]
@@ -289,7 +310,9 @@ def test_mixed_batches_refuse_variant_adapters_and_list_adapters_reports_them(ru
     recipe, result = runs["qrlora"]["recipe"], runs["qrlora"]["result"]
     _, model = _fresh(recipe, result.output_dir)
     with (
-        pytest.raises(ConfigError, match="AdaLoRA / QR-LoRA adapters"),
+        pytest.raises(
+            ConfigError, match="mixed batches take LoRA and DoRA adapters only, and 'default' is a QR-LoRA"
+        ),
         batch_adapters(model, ["default"]),
     ):
         pass

@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.inject import adapter_configs, lora_layers, mark_trainable, set_adapter, wrap
+from lorakit.inject import adapter_configs, lora_layers, mark_trainable, require_lora, set_adapter, wrap
 from lorakit.targets import resolve_targets
 
 Combination = Literal["linear", "cat", "svd"]
@@ -153,6 +153,7 @@ def _check(
     unknown = [name for name in adapters if name not in configs]
     if unknown:
         raise ConfigError(f"no adapter named {unknown[0]!r} on this model; present: {sorted(configs)}")
+    require_lora(model, adapters, "add_weighted_adapter: combinations", "combine LoRA adapters")
     if len(weights) != len(adapters):
         raise ConfigError(
             f"got {len(weights)} weights for {len(adapters)} adapters {adapters}; give one weight per adapter"
@@ -213,6 +214,11 @@ def stack_adapters(model: nn.Module, frozen: list[str], trainable: str | None = 
     """
     if trainable is not None and trainable in frozen:
         raise ConfigError(f"adapter {trainable!r} is listed both in frozen={frozen} and as trainable")
+    configs = adapter_configs(model)
+    unknown = [name for name in frozen if name not in configs]
+    if unknown:
+        raise ConfigError(f"no adapter named {unknown[0]!r} on this model; present: {sorted(configs)}")
+    require_lora(model, frozen, "stack_adapters: frozen adapters", "stack LoRA adapters")
     set_adapter(model, [*frozen, *([trainable] if trainable is not None else [])])
     for name in frozen:
         mark_trainable(model, name, False)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.inject import adapter_configs, adapter_state_dict
+from lorakit.inject import adapter_configs, adapter_state_dict, require_lora
 from lorakit.io import (
     CONFIG_NAME,
     INT8_WEIGHTS_NAME,
@@ -139,12 +139,13 @@ def save_adapter_int8(model: nn.Module, path: str | os.PathLike, adapter_name: s
         Path: The directory written.
 
     Raises:
-        ConfigError: No adapter of that name.
+        ConfigError: No adapter of that name, or an AdaLoRA / QR-LoRA adapter (int8 files hold LoRA factors).
         AdapterFileError: ``path`` already holds ``adapter_model.safetensors``.
     """
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} to save; present: {sorted(configs)}")
+    require_lora(model, [adapter_name], "save_adapter_int8: int8 files", "save it with lorakit.save_adapter")
     return _write(adapter_state_dict(model, adapter_name), configs[adapter_name].to_peft_dict(), path)
 
 

@@ -263,12 +263,9 @@ def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]
         raise ConfigError(
             f"adapter_names: unknown adapter(s) {unknown}; present: {sorted(configs)} or '{BASE}'"
         )
-    variant = sorted(n for n in distinct if n != BASE and not isinstance(configs[n], LoraConfig))
-    if variant:
-        raise ConfigError(
-            f"adapter_names: {variant} are AdaLoRA / QR-LoRA adapters; mixed batches take LoRA and DoRA adapters "
-            "only: activate one with lorakit.set_adapter, or merge it (lorakit merge)"
-        )
+    require_lora(
+        model, sorted(distinct - {BASE}), "adapter_names: mixed batches", "activate one with set_adapter"
+    )
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise ConfigError(
@@ -286,6 +283,27 @@ def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]
     finally:
         for layer, state in zip(layers, previous):
             layer.row_plan = state
+
+
+def require_lora(model: nn.Module, names: list[str], what: str, instead: str) -> None:
+    """Raise :class:`ConfigError` naming the first of ``names`` that is an AdaLoRA / QR-LoRA adapter.
+
+    Args:
+        model (nn.Module): The wrapped model (``names`` must be its adapters).
+        names (list[str]): Adapters about to be used by an operation that reads LoRA factors.
+        what (str): The operation, for the message (e.g. ``"add_weighted_adapter"``).
+        instead (str): What to do instead, besides merging.
+    """
+    configs = adapter_configs(model)
+    for name in names:
+        if not isinstance(configs[name], LoraConfig):
+            kind = {"AdaLoraConfig": "an AdaLoRA", "QRLoraConfig": "a QR-LoRA"}.get(
+                type(configs[name]).__name__
+            )
+            raise ConfigError(
+                f"{what} take LoRA and DoRA adapters only, and {name!r} is {kind or 'another kind of'} adapter: "
+                f"{instead}, or merge it into the base first (lorakit.merge_and_unload)"
+            )
 
 
 def _install_adapter_names_hook(model: nn.Module) -> None:
