@@ -220,7 +220,8 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConfigError(
-                f"{source}: peft_type is {peft_type!r}; lorakit.load_adapter reads LORA adapters"
+                f"{source}: peft_type is {peft_type!r}; lorakit reads LORA (with DoRA), ADALORA and "
+                "LORAKIT_QRLORA adapters: train or convert it to one of those"
             )
         for key, default in _PEFT_UNSUPPORTED.items():
             if data.get(key, default) not in (default, [], {}):
