@@ -116,6 +116,15 @@ def test_unsupported_peft_features_refused(tmp_path):
         lorakit.load_adapter(BUILDERS["llama"](), path)
 
 
+def test_an_adapter_type_lorakit_does_not_read_is_named(tmp_path):
+    path = _saved(tmp_path, target_modules=["q_proj"])
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["peft_type"] = "IA3"
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lorakit.ConfigError, match=r"peft_type is 'IA3'; lorakit reads LORA .*ADALORA"):
+        lorakit.load_adapter(BUILDERS["llama"](), path)
+
+
 def test_save_is_atomic_and_keeps_old_files_on_failure(tmp_path, monkeypatch):
     path = _saved(tmp_path, target_modules=["q_proj"])
     before = (path / "adapter_model.safetensors").read_bytes()
