@@ -99,6 +99,13 @@ def test_bad_overrides_are_clear(override, message):
         load_recipe(None, [override])
 
 
+@pytest.mark.parametrize("method", ["adalora", "qrlora"])
+def test_loraplus_needs_a_method_with_b_matrices(method):
+    with pytest.raises(ConfigError, match=rf"train\.loraplus_ratio .* adapter\.method={method} does not have"):
+        load_recipe(None, [f"adapter.method={method}", "train.loraplus_ratio=16"])
+    assert load_recipe(None, ["adapter.method=dora", "train.loraplus_ratio=16"]).train.loraplus_ratio == 16
+
+
 def test_unknown_key_in_file_suggests(tmp_path):
     path = Path(tmp_path) / "r.yaml"
     path.write_text("model:\n  quantise: nf4\n")

@@ -443,6 +443,12 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: output_dir: expected a directory path, got {output_dir!r}")
     if not isinstance(overwrite, bool):
         raise ConfigError(f"{source}: overwrite: expected true or false, got {overwrite!r}")
+    if sections["train"].loraplus_ratio is not None and sections["adapter"].method not in ("lora", "dora"):
+        raise ConfigError(
+            f"{source}: train.loraplus_ratio sets LoRA+'s learning rate for LoRA's B matrices, which "
+            f"adapter.method={sections['adapter'].method} does not have: use method lora or dora, or "
+            "train.loraplus_ratio=null"
+        )
     return Recipe(output_dir=output_dir, overwrite=overwrite, **sections)
 
 
