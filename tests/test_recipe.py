@@ -101,7 +101,9 @@ def test_bad_overrides_are_clear(override, message):
 
 @pytest.mark.parametrize("method", ["adalora", "qrlora"])
 def test_loraplus_needs_a_method_with_b_matrices(method):
-    with pytest.raises(ConfigError, match=rf"train\.loraplus_ratio .* adapter\.method={method} does not have"):
+    with pytest.raises(
+        ConfigError, match=rf"train\.loraplus_ratio .* adapter\.method={method} does not have"
+    ):
         load_recipe(None, [f"adapter.method={method}", "train.loraplus_ratio=16"])
     assert load_recipe(None, ["adapter.method=dora", "train.loraplus_ratio=16"]).train.loraplus_ratio == 16
 
