@@ -92,7 +92,7 @@ def test_nan_weight_is_named(tmp_path):
 def test_lora_on_4bit_layers_backward_and_prepare(model_dir):
     model = lorakit.load_model(model_dir / "model", quantize="nf4")
     lorakit.prepare_for_kbit_training(model)
-    assert model.is_gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
     lorakit.wrap(model, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoraLinear) and isinstance(layer.base_layer, Linear4bit)

@@ -328,11 +328,18 @@ def prepare_for_kbit_training(
         for module in model.modules():
             if _is_norm(module):
                 module.float()
-    if use_gradient_checkpointing and callable(getattr(model, "gradient_checkpointing_enable", None)):
+    can_checkpoint = any(
+        callable(getattr(model, name, None))
+        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    )
+    if use_gradient_checkpointing and can_checkpoint:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"] and callable(getattr(model, "enable_input_require_grads", None)):
             model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers' new name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
