@@ -265,7 +265,8 @@ def adalora_config(rank: int, steps: int):
 
 def setup_adalora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
     from lorakit.adapters.rank_allocator import AdaLoraController
-    from lorakit.variants import save_variant, wrap_adalora
+    from lorakit.variants import wrap_adalora
+    from lorakit.variants_io import save_variant
 
     wrap_adalora(model, adalora_config(rank, steps))
     controller = AdaLoraController(model, "default", total_step=steps)
@@ -279,7 +280,8 @@ def setup_adalora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
 def setup_qrlora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
     """QR-LoRA with its defaults (energy 0.9, capped at 16 components per matrix): only λ and the head train."""
     from lorakit.adapters.qrlora import QRLoraConfig
-    from lorakit.variants import save_variant, variant_layers, wrap_qrlora
+    from lorakit.variants import variant_layers, wrap_qrlora
+    from lorakit.variants_io import save_variant
 
     wrap_qrlora(model, QRLoraConfig(target_modules=list(TARGETS), modules_to_save=list(HEAD)))
     ranks = sorted({layer.qr_lambda["default"].numel() for _, layer in variant_layers(model)})

@@ -16,17 +16,13 @@ from lorakit.adapters.rank_allocator import AdaLoraController, budget_schedule
 from lorakit.errors import ConfigError
 from lorakit.quant import Linear4bit
 from lorakit.variants import (
-    checkpoint_state_dict,
-    load_adalora,
-    load_variant,
     merge_and_unload_variants,
     merge_variants,
-    save_adalora,
-    save_variant,
     unmerge_variants,
     variant_layers,
     wrap_adalora,
 )
+from lorakit.variants_io import checkpoint_state_dict, load_adalora, load_variant, save_adalora, save_variant
 
 from tiny_models import BUILDERS, VOCAB, model_output, sample_ids, tiny_llama
 

@@ -20,15 +20,14 @@ from lorakit.inject import trainable_parameters
 from lorakit.quant import Linear4bit
 from lorakit.variants import (
     count_qrlora_parameters,
-    load_qrlora,
     merge_and_unload_variants,
     merge_variants,
-    save_qrlora,
     unmerge_variants,
     variant_layers,
     wrap_adalora,
     wrap_qrlora,
 )
+from lorakit.variants_io import load_qrlora, save_qrlora
 
 from tiny_models import model_output, sample_ids, tiny_gpt2, tiny_llama
 

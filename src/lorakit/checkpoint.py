@@ -27,7 +27,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import adapter_configs
 from lorakit.io import atomic_save_safetensors, read_adapter_weights, save_adapter
-from lorakit.variants import checkpoint_state_dict, save_variant
+from lorakit.variants_io import checkpoint_state_dict, save_variant
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"

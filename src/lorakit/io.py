@@ -77,7 +77,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} to save; present: {sorted(configs)}")
     if not isinstance(configs[adapter_name], LoraConfig):
-        from lorakit.variants import save_variant  # variants builds on this module: import it here
+        from lorakit.variants_io import save_variant  # variants_io builds on this module: import it here
 
         return save_variant(model, path, adapter_name)
     path = Path(path)
@@ -165,7 +165,10 @@ def load_adapter(
         AdapterFileError: Missing or corrupt files.
         AdapterMismatchError: The adapter's module paths or shapes do not fit the model (first mismatch).
     """
-    from lorakit.variants import LOADERS, read_config_json  # variants builds on this module: import it here
+    from lorakit.variants_io import (  # variants_io builds on this module: import it here
+        LOADERS,
+        read_config_json,
+    )
 
     loader = LOADERS.get(read_config_json(path).get("peft_type"))
     if loader is not None:
