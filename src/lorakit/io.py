@@ -91,12 +91,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return path
 
 
-def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
-    """Read ``adapter_config.json`` from an adapter directory (lorakit's or PEFT's).
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The raw ``adapter_config.json`` of an adapter directory (any method).
 
     Raises:
-        AdapterFileError: The file is missing or is not valid JSON.
-        ConfigError: The config describes something lorakit cannot load.
+        AdapterFileError: Missing, not JSON, or not an object.
     """
     config_path = Path(path) / CONFIG_NAME
     if not config_path.is_file():
@@ -109,7 +108,17 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
-    return LoraConfig.from_peft_dict(data, source=str(config_path))
+    return data
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """Read ``adapter_config.json`` from a LoRA adapter directory (lorakit's or PEFT's).
+
+    Raises:
+        AdapterFileError: The file is missing or is not valid JSON.
+        ConfigError: The config describes something lorakit cannot load.
+    """
+    return LoraConfig.from_peft_dict(read_config_json(path), source=str(Path(path) / CONFIG_NAME))
 
 
 def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -159,16 +168,13 @@ def load_adapter(
         nn.Module: The same ``model``.
 
     AdaLoRA (``peft_type: ADALORA``, lorakit's or PEFT's) and QR-LoRA (``LORAKIT_QRLORA``) directories are
-    loaded by :mod:`lorakit.variants`.
+    loaded by :mod:`lorakit.variants_io`.
 
     Raises:
         AdapterFileError: Missing or corrupt files.
         AdapterMismatchError: The adapter's module paths or shapes do not fit the model (first mismatch).
     """
-    from lorakit.variants_io import (  # variants_io builds on this module: import it here
-        LOADERS,
-        read_config_json,
-    )
+    from lorakit.variants_io import LOADERS  # variants_io builds on this module: import it here
 
     loader = LOADERS.get(read_config_json(path).get("peft_type"))
     if loader is not None:

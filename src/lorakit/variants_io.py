@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.adapters.adalora import AdaLoraConfig, AdaLoraLinear
 from lorakit.adapters.lora import ModulesToSaveWrapper, base_layer_shape
 from lorakit.adapters.qrlora import QRLoraConfig, QRLoraLinear
-from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
+from lorakit.errors import AdapterMismatchError, ConfigError
 from lorakit.inject import (
     adapter_configs,
     adapter_state_dict,
@@ -33,6 +33,7 @@ from lorakit.io import (
     atomic_save_safetensors,
     atomic_write_bytes,
     read_adapter_weights,
+    read_config_json,
 )
 from lorakit.variants import PREFIX, activate, target_paths, variant_layers, wrap_adalora, wrap_qrlora
 
@@ -111,26 +112,6 @@ def save_qrlora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     """Save a QR-LoRA adapter (λ and the frozen factors) in lorakit's format."""
     config = _config_of(model, adapter_name, QRLoraConfig)
     return _save(qrlora_state_dict(model, adapter_name), config.to_dict(), path)
-
-
-def read_config_json(path: str | os.PathLike) -> dict:
-    """The raw ``adapter_config.json`` of an adapter directory.
-
-    Raises:
-        AdapterFileError: Missing, not JSON, or not an object.
-    """
-    config_path = Path(path) / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterFileError(
-            f"{config_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _copy_tensors(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -305,7 +286,6 @@ __all__ = [
     "load_qrlora",
     "load_variant",
     "qrlora_state_dict",
-    "read_config_json",
     "save_adalora",
     "save_qrlora",
     "save_variant",
