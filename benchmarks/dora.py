@@ -6,17 +6,16 @@ LoRA, lorakit DoRA, PEFT LoRA, PEFT DoRA (lora_dropout 0, as in the PEFT fast pa
 repeat so all see the same machine load; the table reports medians, and the ratios are ratios of medians.
 
 Usage:
-    .venv/bin/python benchmarks/dora.py [--repeats 7] [--threads 2] [--dtypes fp32 bf16] [--device cpu|cuda]
+    .venv/bin/python benchmarks/dora.py [--repeats 7] [--threads 2] [--dtypes auto|fp32|bf16 ...] [--device cpu|cuda]
+
+``--dtypes auto`` (the default) is bf16 where the device multiplies bf16 natively, else fp32
+(:func:`lorakit.hardware.auto_dtype`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +24,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
+from lorakit.hardware import auto_dtype
+from results_file import write_results
+from timing import median_seconds
 
-RESULTS = Path(__file__).parent / "results" / "dora.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -78,22 +79,6 @@ def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Non
     return run
 
 
-def median_seconds(
-    fns: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, dict[str, float]]:
-    """Warm up each function, then run them ``repeats`` times round-robin; median and min per function."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median reported)")
@@ -106,12 +91,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument(
-        "--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"], help="base dtypes"
+        "--dtypes", nargs="+", choices=["auto", *DTYPES], default=["auto"], help="base dtypes"
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/dora.<kind>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    auto = "bf16" if auto_dtype(args.device) == torch.bfloat16 else "fp32"
+    args.dtypes = list(dict.fromkeys(auto if name == "auto" else name for name in args.dtypes))
 
     tokens = args.batch * args.seq
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
@@ -152,14 +139,9 @@ def main() -> None:
         for name, value in ratios.items():
             print(f"{name:<30} {value:>6.2f}x")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    meta.update(
-        torch=torch.__version__, peft=peft.__version__, cpu=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(), tokens_per_step=tokens,
-    )  # fmt: skip
-    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    meta["tokens_per_step"] = tokens
+    write_results("dora", {"meta": meta, "runs": runs}, args.out, device=args.device)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import struct
 import subprocess
 import sys
@@ -42,7 +41,6 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "memory.json"
 DEFAULT_MODEL_DIR = Path(tempfile.gettempdir()) / "lorakit-bench-tinyllama-1.1b"
 TINYLLAMA = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -291,13 +289,17 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch.set_num_threads (this machine: 2 cores)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/memory.<kind>.json"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(run_config(args.child, args.model_dir)))
         return
+
+    from results_file import machine_record, read_results, write_results  # not in the --child processes
 
     print(f"writing the model to {args.model_dir} (once) ...", flush=True)
     write_model(args.model_dir)
@@ -306,6 +308,7 @@ def main() -> None:
         print(f"running {name} ...", flush=True)
         results[name] = measure(name, args.model_dir, args.threads)
         results[name]["loadavg_1min_after"] = os.getloadavg()[0]
+        results[name]["machine"] = machine_record()  # rows not rerun keep the machine they were measured on
 
     print(
         f"\nTinyLlama-1.1B shape, batch 1 x {SEQ} tokens, r=16 on all seven projections, {STEPS} steps, CPU"
@@ -331,22 +334,13 @@ def main() -> None:
             step = sorted(ours["step_s"])[0] / sorted(theirs["step_s"])[0]
             print(f"{name} / peft-bnb, fastest step time: {step:.2f}")
 
-    import bitsandbytes
-    import peft
-    import transformers
-
     meta = {
         "device": "cpu", "threads": args.threads, "seq": SEQ, "batch": 1, "steps": STEPS, "model": TINYLLAMA,
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "bitsandbytes": bitsandbytes.__version__, "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
+        "loadavg_1min": os.getloadavg()[0],
     }  # fmt: skip
-    if args.out is not None:  # rows not rerun this time are kept from the file
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(args.out.read_text())["results"] if args.out.is_file() else {}
-        merged = {**{k: v for k, v in old.items() if k in (*CONFIGS, *LOAD_CONFIGS)}, **results}
-        args.out.write_text(json.dumps({"meta": meta, "results": merged}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    old = (read_results("memory", args.out) or {}).get("results", {})  # rows not rerun this time are kept
+    merged = {**{k: v for k, v in old.items() if k in (*CONFIGS, *LOAD_CONFIGS)}, **results}
+    write_results("memory", {"meta": meta, "results": merged}, args.out)
 
 
 if __name__ == "__main__":

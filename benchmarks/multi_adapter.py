@@ -16,7 +16,10 @@ round-robin within each repeat so they see the same machine load; the table repo
 ratios are ratios of medians.
 
 Usage:
-    .venv/bin/python benchmarks/multi_adapter.py [--repeats 5] [--threads 2] [--dtype fp32|bf16]
+    .venv/bin/python benchmarks/multi_adapter.py [--repeats 5] [--threads 2] [--dtype auto|fp32|bf16]
+
+``--dtype auto`` (the default) is bf16 where the CPU multiplies bf16 natively, else fp32
+(:func:`lorakit.hardware.auto_dtype`); the recorded runs in docs/serving.md are ``--dtype fp32``.
 
 Give ``--threads`` no more than the idle cores: on a 2-core machine with one core busy elsewhere, 2 OpenMP threads
 made single runs up to 7x slower than their minimum (use ``--threads 1`` there; the table prints the load average).
@@ -26,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,9 +40,10 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import lorakit
+from lorakit.hardware import auto_dtype
+from results_file import write_results
 from timing import median_seconds
 
-RESULTS = Path(__file__).parent / "results" / "multi_adapter.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SPREADS = (4, 8, 16)  # adapters per mixed batch
 
@@ -158,11 +160,15 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prefill tokens per row")
     parser.add_argument("--steps", type=int, default=32, help="greedy decode steps")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="base weights (adapters stay fp32)"
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="base weights (adapters stay fp32)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/multi_adapter.<kind>.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if auto_dtype("cpu") == torch.bfloat16 else "fp32"
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,15 +229,13 @@ def main() -> None:
         f"target: lorakit mixed >= 0.80x single and faster than PEFT; whole run {time.perf_counter() - started:.0f} s"
     )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     meta.update(
-        torch=torch.__version__, peft=peft.__version__, cpu=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(), loadavg_1min_before_after=[load_before[0], load_after[0]],
-        parity_max_abs_logit_diff=parity, variants=rows,
-    )  # fmt: skip
-    args.out.write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        loadavg_1min_before_after=[load_before[0], load_after[0]],
+        parity_max_abs_logit_diff=parity,
+        variants=rows,
+    )
+    write_results("multi_adapter", {"meta": meta, **results}, args.out)
 
 
 if __name__ == "__main__":

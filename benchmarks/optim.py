@@ -15,8 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,8 +26,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit.optim import AdamW8bit
+from results_file import write_results
 
-RESULTS = Path(__file__).parent / "results" / "optim.json"
 MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -105,10 +104,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every optimizer")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps on the large weight (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/optim.<kind>.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     makers = optimizers(args.lr)
+    load_before = os.getloadavg()
 
     weight = large_weight(makers, args.repeats)
     curves = {name: loss_curve(make, args.hidden, args.steps) for name, make in makers.items()}
@@ -135,14 +137,11 @@ def main() -> None:
             f"{row['step_ms']:>12.1f} {row['max_rel_loss_deviation']:>12.2e} {row['final_loss']:>12.4f}"
         )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": "cpu", "threads": args.threads, "steps": args.steps, "hidden": args.hidden, "lr": args.lr,
-        "repeats": args.repeats, "torch": torch.__version__, "bitsandbytes": bnb.__version__,
-        "cpu": platform.machine(),
+        "repeats": args.repeats, "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
     }  # fmt: skip
-    args.out.write_text(json.dumps({"meta": meta, "results": table}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results("optim", {"meta": meta, "results": table}, args.out)
 
 
 if __name__ == "__main__":

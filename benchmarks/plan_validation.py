@@ -17,7 +17,8 @@ method (full / LoRA / QLoRA, plus a few variants), a fresh subprocess:
 
 The prediction is :func:`lorakit.plan.plan_memory` with ``device="cpu"`` (which adds the resident size of the
 Python + torch + lorakit runtime, measured here on a model too small to matter: the ``runtime`` row). Runs go one
-at a time. Results: ``benchmarks/results/plan_validation.json`` and a table on stdout (docs/plan.md).
+at a time. Results: ``benchmarks/results/plan_validation.<kind>.json`` (``benchmarks/results_file.py``) and a table
+on stdout (docs/plan.md).
 
     .venv/bin/python benchmarks/plan_validation.py                 # everything (~30 min on a busy 2-core box)
     .venv/bin/python benchmarks/plan_validation.py --sizes 134m    # one size
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "plan_validation.json"
 
 # Llama-shaped models (vocab 32000, untied head); widths of TinyLlama for the largest.
 SIZES = {
@@ -173,17 +173,20 @@ def predict(directory: Path, spec: dict) -> dict:
             "components": {c.name: c.bytes for c in plan.components}}  # fmt: skip
 
 
-def _write(rows: list[dict], runtime: dict, allocator: str) -> None:
-    """Merge ``rows`` into the results file, replacing earlier rows of the same (size, allocator)."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
+def _write(rows: list[dict], runtime: dict, allocator: str) -> Path:
+    """Merge ``rows`` into this machine's results file, replacing earlier rows of the same (size, allocator).
+
+    Every row (and each allocator's runtime row) carries the machine it was measured on, so the rows kept from an
+    earlier run still name theirs.
+    """
+    from results_file import read_results, write_results  # benchmarks/results_file.py; not in the workers
+
+    existing = read_results("plan_validation") or {"rows": []}
     done = {(r["size"], r["allocator"]) for r in rows}
     keep = [r for r in existing.get("rows", []) if (r["size"], r.get("allocator", "fixed")) not in done]
     data = {"base": BASE, "sizes": SIZES, "runtime": {**existing.get("runtime", {}), allocator: runtime}}
     data["rows"] = keep + rows
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(RESULTS)
+    return write_results("plan_validation", data)
 
 
 def main() -> None:
@@ -205,6 +208,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    from results_file import machine_record
+
     models = Path(args.models_dir)
     rows = []
     # the runtime: a LoRA step on a model too small to matter
@@ -213,6 +218,7 @@ def main() -> None:
         {**BASE, "method": "lora", "dir": str(models / "tiny"), "batch_size": 1, "seq_len": 16},
         args.allocator,
     )
+    runtime["machine"] = machine = machine_record()
     print(f"runtime (tiny model, LoRA step): {runtime['step_peak'] / 1e6:.0f} MB peak, "
           f"{runtime['imported_rss'] / 1e6:.0f} MB after imports")  # fmt: skip
     header = f"{'model':6} {'method':6} {'variant':42} {'predicted':>10} {'measured':>10} {'error':>7}  {'process':>8}"
@@ -227,13 +233,16 @@ def main() -> None:
         error = predicted["peak"] / measured["step_peak"] - 1
         variant = ", ".join(f"{k}={v}" for k, v in run.items() if k != "method") or "defaults"
         row = {"size": size, "allocator": args.allocator, "spec": spec, "variant": variant, "predicted": predicted, "measured": measured,
-               "error": error}  # fmt: skip
+               "error": error, "machine": machine}  # fmt: skip
         rows.append(row)
         print(f"{size:6} {run['method']:6} {variant[:42]:42} {predicted['peak'] / 1e9:9.3f}G {measured['step_peak'] / 1e9:9.3f}G "
               f"{100 * error:+6.1f}%  {measured['load_peak'] / 1e9:7.3f}G", flush=True)  # fmt: skip
-        _write(rows, runtime, args.allocator)  # after every run, so a partial run keeps what it measured
+        path = _write(
+            rows, runtime, args.allocator
+        )  # after every run, so a partial run keeps what it measured
     worst = max((abs(r["error"]) for r in rows), default=0.0)
-    print(f"worst |error|: {100 * worst:.1f}% over {len(rows)} runs -> {RESULTS.relative_to(ROOT)}")
+    where = f" -> {path.relative_to(ROOT)}" if rows else ""
+    print(f"worst |error|: {100 * worst:.1f}% over {len(rows)} runs{where}")
 
 
 if __name__ == "__main__":

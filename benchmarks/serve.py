@@ -21,9 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -39,8 +37,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit
+from results_file import write_results
 
-RESULTS = Path(__file__).parent / "results" / "serve.json"
 ADAPTERS = ["support", "legal", "medical", "code"]
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -176,7 +174,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/serve.<kind>.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # building the workspace
 
@@ -220,15 +220,10 @@ def main() -> None:
     )
     print(f"batching speedup (tokens/s): {speedup:.2f}x")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    meta.update(
-        torch=torch.__version__, cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-        loadavg_1min_before_after=[load_before[0], load_after[0]],
-    )  # fmt: skip
+    meta["loadavg_1min_before_after"] = [load_before[0], load_after[0]]
     result = {"meta": meta, "batched": batched, "sequential": sequential, "speedup_tokens_per_s": speedup}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results("serve", result, args.out)
 
 
 if __name__ == "__main__":
