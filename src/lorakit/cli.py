@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lorakit.hardware import DTYPE_CHOICES
+
 EPILOG_TRAIN = """examples:
   lorakit train                                  # the bundled quickstart (QLoRA on a tiny model, offline)
   lorakit train recipes/qlora_alpaca.yaml model.path=/models/llama data.path=my.jsonl
@@ -59,7 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe_path, overrides = _split_recipe_args(args)
     recipe = load_recipe(recipe_path, overrides)
     if args.dry_run:
-        print(recipe.to_yaml(), end="")
+        from lorakit.train import precision_header
+
+        resolved = recipe.with_precision_resolved()
+        print(f"# {precision_header(recipe, resolved)}")
+        print(resolved.to_yaml(), end="")
         return 0
     from lorakit.train import train
 
@@ -129,6 +135,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--quantize", choices=["nf4", "fp4", "none"], default=None,
         help="load the base in 4 bits (default: as the adapter's recipe.yaml says, else none)",
     )  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="compute dtype (default auto: bfloat16 where the hardware multiplies it natively, else float32 "
+        "on CPU / float16 on older GPUs; `lorakit env` shows what auto means here)",
+    )  # fmt: skip
     return p
 
 
@@ -145,15 +156,13 @@ def _base_quantize(choice: str | None, adapters: list[str]) -> str | None:
     return None
 
 
-def _load_for_inference(model_dir: str, adapters: list[str], quantize: str | None):
-    import torch
+def _load_for_inference(model_dir: str, adapters: list[str], quantize: str | None, dtype: str = "auto"):
     from transformers import AutoTokenizer
 
     import lorakit
     from lorakit.loading import load_model
 
-    compute = torch.bfloat16 if quantize else torch.float32
-    model = load_model(model_dir, quantize=quantize, compute_dtype=compute)
+    model = load_model(model_dir, quantize=quantize, compute_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(
         adapters[0] if adapters and _has_tokenizer(adapters[0]) else model_dir
     )
@@ -165,6 +174,16 @@ def _load_for_inference(model_dir: str, adapters: list[str], quantize: str | Non
     if names:
         lorakit.set_adapter(model, names)
     return model, tokenizer
+
+
+def _checkpoint_dtype(model_dir: str) -> str:
+    """The dtype a model directory's config.json says its weights are stored in (float32 if it names none)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    named = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return named if named in ("bfloat16", "float16", "float32") else "float32"
 
 
 def _has_tokenizer(directory: str) -> bool:
@@ -180,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.greedy and (args.temperature <= 0 or not 0 < args.top_p <= 1):
         raise ConfigError("--temperature must be > 0 and --top-p in (0, 1] (or pass --greedy)")
     model, tokenizer = _load_for_inference(
-        args.model, args.adapter, _base_quantize(args.quantize, args.adapter)
+        args.model, args.adapter, _base_quantize(args.quantize, args.adapter), args.dtype
     )
     prompts = [render_prompt(p, args.template, tokenizer, args.input) for p in args.prompts]
     sampling = SamplingConfig(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
@@ -205,8 +224,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory (must not exist, unless --overwrite)")
     p.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="saved dtype"
-    )
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="saved dtype (default auto: the dtype the base checkpoint is stored in, from its config.json; "
+        "the merge itself is computed in float32)",
+    )  # fmt: skip
     p.add_argument(
         "--quantize", choices=["nf4", "fp4", "none"], default=None,
         help="the base as trained (default: from the adapter's recipe.yaml, else none)",
@@ -228,10 +249,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--out {out} already exists and is not empty; pass --overwrite or choose another path"
         )
+    # Merged in fp32 (a 4-bit base is dequantized to fp32 once), rounded once to the saved dtype.
     model, tokenizer = _load_for_inference(
-        args.model, args.adapter, _base_quantize(args.quantize, args.adapter)
+        args.model, args.adapter, _base_quantize(args.quantize, args.adapter), "float32"
     )
-    merged = lorakit.merge_and_unload(model).to(getattr(torch, args.dtype))
+    dtype = _checkpoint_dtype(args.model) if args.dtype == "auto" else args.dtype
+    merged = lorakit.merge_and_unload(model).to(getattr(torch, dtype))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -239,7 +262,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    print(f"merged model written to {out} ({args.dtype})")
+    print(f"merged model written to {out} ({dtype})")
     return 0
 
 
@@ -350,8 +373,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--quantize", choices=["nf4", "fp4", "none"], default="none", help="load the base in 4 bits"
     )
     p.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-        help="compute dtype (default: bfloat16 with --quantize, else float32)",
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="compute dtype (default auto: bfloat16 where the hardware multiplies it natively, else float32 "
+        "on CPU / float16 on older GPUs)",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
     p.add_argument(
@@ -483,6 +507,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits is not False else 1
 
 
+def _add_env(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "env",
+        help="this machine, its measured matmul rates and what precision auto picks (for bug reports)",
+        description="Print lorakit's environment: versions of lorakit, torch, transformers, peft and "
+        "bitsandbytes; the devices; the CPU model, ISA level (AVX2 / AVX512 / AVX512_BF16 / AMX), cores "
+        "and threads; measured fp32 and bf16 matmul GFLOP/s; whether bf16 is native; what compute_dtype=auto "
+        "and precision=auto resolve to. Paste it into bug reports.",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--seconds", type=float, default=0.3, help="time per matmul measurement (default 0.3)")
+    return p
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
+    from lorakit.hardware import environment_report, format_environment
+
+    if not 0 < args.seconds <= 60:
+        raise ConfigError(f"--seconds: expected a number in (0, 60], got {args.seconds}")
+    report = environment_report(measure_seconds=args.seconds)
+    print(json.dumps(report, indent=1) if args.json else format_environment(report))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "generate": (_add_generate, cmd_generate),
@@ -491,6 +540,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "preprocess": (_add_preprocess, cmd_preprocess),
     "serve": (_add_serve, cmd_serve),
     "plan": (_add_plan, cmd_plan),
+    "env": (_add_env, cmd_env),
 }
 
 

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
+from lorakit.hardware import DTYPE_NAMES, resolve_dtype
 from lorakit.targets import head_module_path, in_head
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -145,7 +145,7 @@ def load_model(
     path: str | os.PathLike,
     quantize: str | None = "nf4",
     double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | str = "auto",
     blocksize: int = 64,
     keep_modules: list[str] | None = None,
     device: str | torch.device = "cpu",
@@ -158,7 +158,10 @@ def load_model(
         path (str | PathLike): Directory with ``config.json`` and ``*.safetensors`` (sharded or not).
         quantize (str | None): ``"nf4"`` (default), ``"fp4"``, or ``None`` to load in ``compute_dtype``.
         double_quant (bool): Quantize the block scales too (4.127 bits/param). Default True.
-        compute_dtype (torch.dtype): Dtype of non-quantized weights and of 4-bit matmuls. Default bfloat16.
+        compute_dtype (torch.dtype | str): Dtype of non-quantized weights and of 4-bit matmuls, or a name
+            (``"bfloat16"``, ``"float16"``, ``"float32"``). Default ``"auto"``: bf16 on a GPU that supports it
+            (else fp16), bf16 on a CPU with native bf16 matmul (AMX / AVX512_BF16), else fp32
+            (:mod:`lorakit.hardware`).
         blocksize (int): 4-bit block size. Default 64.
         keep_modules (list[str] | None): Linear module names (or paths) kept in ``compute_dtype``; the output
             head is always kept.
@@ -183,6 +186,7 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     cls = model_class or AutoModelForCausalLM
     device = torch.device(device)
+    compute_dtype = resolve_dtype(compute_dtype, device)
     with torch.device("meta"):
         if hasattr(cls, "from_config"):  # an auto class
             model = cls.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)

@@ -21,6 +21,7 @@ from lorakit.adapters.qrlora import QRLoraConfig
 from lorakit.config import LoraConfig, is_pissa_init
 from lorakit.data import DataConfig
 from lorakit.errors import ConfigError
+from lorakit.hardware import DTYPE_CHOICES, PRECISIONS, resolve_dtype, resolve_precision
 
 PACKAGE_DIR = Path(__file__).parent
 QUICKSTART_DIR = PACKAGE_DIR / "quickstart"
@@ -30,9 +31,8 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 METHODS = ("lora", "dora", "adalora", "qrlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("bf16", "fp16", "fp32")
 QUANTIZE = (None, "nf4", "fp4")
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = DTYPE_CHOICES  # "auto" and the dtype names (lorakit.hardware)
 
 
 def _fail(section: str, name: str, expected: str, got: Any) -> ConfigError:
@@ -63,7 +63,8 @@ class ModelSection:
         quantize (str | None): ``"nf4"`` (QLoRA, default), ``"fp4"``, or ``None`` (compute dtype).
         double_quant (bool): Quantize the 4-bit scales again (4.127 instead of 4.5 bits/param). Default True.
         blocksize (int): Elements per 4-bit block. Default 64.
-        compute_dtype (str): ``"bfloat16"`` (default), ``"float16"`` or ``"float32"``.
+        compute_dtype (str): ``"auto"`` (default: bf16 where the hardware multiplies it natively, else fp32 on
+            CPU / fp16 on older GPUs; :mod:`lorakit.hardware`), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         gradient_checkpointing (bool): Recompute decoder layers in backward to save memory. Default False.
         trust_remote_code (bool): Allow model code shipped with the checkpoint. Default False.
     """
@@ -72,7 +73,7 @@ class ModelSection:
     quantize: str | None = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
@@ -256,7 +257,8 @@ class TrainSection:
         max_grad_norm (float | None): Clip the global gradient norm. Default 1.0; None disables.
         optimizer (str): ``"adamw"`` (default), ``"adamw_8bit"``, ``"paged_adamw"``, ``"paged_adamw_8bit"``.
         loraplus_ratio (float | None): LoRA+: B matrices train at ``ratio x lr``.
-        precision (str): ``"bf16"`` autocast (default), ``"fp16"`` with loss scaling (CUDA), ``"fp32"``.
+        precision (str): ``"auto"`` (default: ``bf16`` where the hardware multiplies bf16 natively, ``fp16`` on
+            older GPUs, else ``fp32``), ``"bf16"`` autocast, ``"fp16"`` with loss scaling (CUDA), ``"fp32"``.
         seed (int): Seeds model init, data order and dropout; a fixed seed gives identical runs. Default 42.
         eval_every (int | None): Evaluate every N steps; None evaluates at each epoch end.
         save_every (int | None): Checkpoint every N steps (always at each epoch end and at the end).
@@ -289,7 +291,7 @@ class TrainSection:
     max_grad_norm: float | None = 1.0
     optimizer: str = "adamw"
     loraplus_ratio: float | None = None
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 42
     eval_every: int | None = None
     save_every: int | None = None
@@ -369,6 +371,29 @@ class Recipe:
     def to_yaml(self) -> str:
         """The recipe as YAML (sections in the order model, adapter, data, train)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_precision_resolved(self, device: str | None = None) -> Recipe:
+        """A copy with ``model.compute_dtype`` and ``train.precision`` ``auto`` replaced by what they mean on
+        ``device`` (default: CUDA if present, else CPU); what a run prints, trains with and writes.
+
+        ``auto`` follows the other field when that one is explicit (``compute_dtype=float32`` makes an ``auto``
+        precision ``fp32``; ``precision=bf16`` makes an ``auto`` dtype ``bfloat16``); both ``auto``: the
+        hardware decides (:func:`lorakit.hardware.auto_dtype`). An explicit bf16 on a CPU that only emulates
+        it is kept, with one warning.
+        """
+        dtype_of = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+        dtype, precision = self.model.compute_dtype, self.train.precision
+        if dtype == "auto" and precision != "auto":
+            dtype = dtype_of[precision]
+        dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+        if precision == "auto":
+            precision = {v: k for k, v in dtype_of.items()}[dtype]
+        precision = resolve_precision(precision, device)
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model, compute_dtype=dtype),
+            train=dataclasses.replace(self.train, precision=precision),
+        )
 
 
 _SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataConfig, "train": TrainSection}

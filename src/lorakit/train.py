@@ -30,8 +30,9 @@ from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.data.formats import read_rows
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluate import evaluate_loss, exact_match_report
+from lorakit.hardware import DTYPE_NAMES, bf16_report
 from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
-from lorakit.loading import DTYPE_NAMES, load_model
+from lorakit.loading import load_model
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
@@ -205,7 +206,10 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         ConfigError / DataError: Invalid recipe or data.
     """
     started = time.perf_counter()
-    train_cfg, device = recipe.train, _device()
+    device = _device()
+    resolved = recipe.with_precision_resolved(device.type)  # "auto" -> what this hardware runs fast
+    print(precision_header(recipe, resolved))
+    recipe, train_cfg = resolved, resolved.train
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if device.type == "cpu" and train_cfg.lean_cpu_heap:  # freed tensors go back to the OS, at a cost in time
@@ -405,6 +409,15 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         )
     )
     return result
+
+
+def precision_header(recipe: Recipe, resolved: Recipe) -> str:
+    """One line for the run header: the compute dtype and precision, and why when ``auto`` chose them."""
+    line = f"precision: {resolved.train.precision} (compute dtype {resolved.model.compute_dtype})"
+    if "auto" in (recipe.model.compute_dtype, recipe.train.precision):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        line += f"; auto on this {device}: {bf16_report(device).reason}"
+    return line
 
 
 def _adalora_controller(model: torch.nn.Module, recipe: Recipe, total_steps: int) -> AdaLoraController | None:

@@ -21,8 +21,8 @@ def _bnb_quantize(w, blocksize, quant_type, double_quant):
 def _bnb_dequantize(packed, state):
     """bnb's dequantize_4bit through its pure-torch reference (blocks over the flat tensor).
 
-    Its public CPU path runs a C kernel that is wrong when a block straddles two rows (see
-    test_bnb_cpu_dequant_kernel_is_wrong_when_blocks_straddle_rows), so that path is only compared where it is valid.
+    Its public CPU path runs a C kernel whose result, on some CPUs and bnb versions, is wrong when a block straddles
+    two rows (bnb 0.50.2 on AVX-512 machines), so that path is only compared where blocks align with rows.
     The reference is called unwrapped: bnb wraps it in torch.compile, which would recompile for every shape.
     """
     absmax = state.absmax
@@ -124,16 +124,23 @@ def test_zero_and_tiny_blocks(quant_type):
     assert torch.equal(nf4.dequantize_4bit(packed, state), torch.zeros(64, 64))
 
 
-def test_bnb_cpu_dequant_kernel_is_wrong_when_blocks_straddle_rows():
-    """Pins a bitsandbytes 0.50.2 bug that our parity tests route around: its CPU C kernel for dequantize_4bit
-    indexes absmax per row, so an [8, 96] weight with 64-element blocks decodes with the wrong scales.
-    When bnb fixes it this test fails; then compare with bnbf.dequantize_4bit everywhere and delete it."""
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_blocks_that_straddle_rows_decode_with_their_own_scales(quant_type):
+    """Blocks run over the flat tensor, not per row: an [8, 96] weight with 64-element blocks has blocks that
+    start in one row and end in the next. Each element must decode as code[nibble] x the absmax of its flat
+    block (high nibble first), and equal bnb's pure-torch reference decode of bnb's own bytes."""
     w = torch.randn(8, 96)
-    bnb_packed, bnb_state = _bnb_quantize(w, 64, "nf4", double_quant=False)
-    packed, state = nf4.quantize_4bit(w, 64, "nf4", double_quant=False)
+    packed, state = nf4.quantize_4bit(w, 64, quant_type, double_quant=False)
     ours = nf4.dequantize_4bit(packed, state)
+    nibbles = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[: w.numel()].long()
+    code = nf4.NF4_CODE if quant_type == "nf4" else nf4.FP4_CODE
+    scales = state.absmax.repeat_interleave(64)[: w.numel()]
+    torch.testing.assert_close(ours.reshape(-1), code[nibbles] * scales, rtol=0, atol=0)
+    # The largest gap between neighbouring codes bounds the rounding error of each block.
+    half_gap = float((code.sort().values.diff().max()) / 2)
+    assert ((ours - w).abs().reshape(-1) <= half_gap * scales + 1e-6).all()
+    bnb_packed, bnb_state = _bnb_quantize(w, 64, quant_type, double_quant=False)
     assert torch.equal(ours, _bnb_dequantize(bnb_packed, bnb_state))
-    assert (ours - w).abs().max() < 0.5 < (bnbf.dequantize_4bit(bnb_packed, bnb_state) - w).abs().max()
 
 
 def test_absmax_codes_use_bnb_cpu_rounding():

@@ -30,6 +30,7 @@ from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.hardware import DTYPE_CHOICES
 from lorakit.serve.engine import ADAPTER_NAME, Engine, EngineConfig, GenerationRequest, RequestHandle
 from lorakit.serve.openai import (
     HTTPError,
@@ -59,8 +60,8 @@ class ServeConfig(EngineConfig):
         host (str): Address to bind. Default ``"127.0.0.1"`` (this machine only; there is no TLS).
         port (int): TCP port; 0 picks a free one (see :attr:`Server.port`). Default 8000.
         quantize (str | None): ``"nf4"`` / ``"fp4"`` loads the base in 4 bits; None keeps it in ``dtype``.
-        dtype (str | None): ``"bfloat16"``, ``"float16"`` or ``"float32"``; None: bfloat16 with ``quantize``,
-            else float32.
+        dtype (str): ``"auto"`` (default: bf16 where the device multiplies bf16 natively, else fp32 on CPU and
+            fp16 on an older GPU; :mod:`lorakit.hardware`), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         device (str): Where the model runs. Default ``"cpu"``.
         model_name (str | None): The base model's id in the API; default the model directory's name.
         api_key (str | None): If set, every request but ``/health`` needs ``Authorization: Bearer <key>``.
@@ -72,7 +73,7 @@ class ServeConfig(EngineConfig):
     host: str = "127.0.0.1"
     port: int = 8000
     quantize: str | None = None
-    dtype: str | None = None
+    dtype: str = "auto"
     device: str = "cpu"
     model_name: str | None = None
     api_key: str | None = None
@@ -88,8 +89,10 @@ class ServeConfig(EngineConfig):
             raise ConfigError(f"port: expected 0..65535, got {self.port!r}")
         if self.quantize not in (None, "nf4", "fp4"):
             raise ConfigError(f"quantize: expected 'nf4', 'fp4' or None, got {self.quantize!r}")
-        if self.dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ConfigError(f"dtype: expected bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.dtype is None:  # the old spelling of the default
+            self.dtype = "auto"
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: expected >= 1024, got {self.max_body_bytes}")
 
@@ -438,15 +441,13 @@ class Server:
 
 
 def _load(config: ServeConfig):
-    import torch
     from transformers import AutoTokenizer
 
-    from lorakit.loading import DTYPE_NAMES, load_model
+    from lorakit.loading import load_model
 
-    dtype = (
-        DTYPE_NAMES[config.dtype] if config.dtype else torch.bfloat16 if config.quantize else torch.float32
+    model = load_model(
+        config.model_dir, quantize=config.quantize, compute_dtype=config.dtype, device=config.device
     )
-    model = load_model(config.model_dir, quantize=config.quantize, compute_dtype=dtype, device=config.device)
     return model, AutoTokenizer.from_pretrained(config.model_dir)
 
 
