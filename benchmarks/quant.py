@@ -17,9 +17,13 @@ Peak memory of a 4-bit model load: the TinyLlama-1.1B-shaped bf16 model of ``ben
 disk once) is loaded in NF4 + double quant by ``lorakit.load_model`` and by transformers + ``BitsAndBytesConfig``,
 each in a fresh subprocess; the figure is the rise of peak RSS (``VmHWM``) over the RSS just before the load.
 
+Small layers and few tokens show the fixed costs per call (``--shapes 512x512 1344x512 --tokens 32``: the layers of
+``benchmarks/qlora_step.py``'s model). Each compute dtype keeps a list of runs in the results file; a run replaces
+the earlier figures of the same shape and token count and keeps the others, each with its machine.
+
 Usage:
     .venv/bin/python benchmarks/quant.py [--dtype auto|bfloat16|float32] [--repeats 5] [--threads 2] [--tokens 2048]
-        [--skip-timings] [--skip-load]
+        [--shapes 4096x4096 11008x4096] [--skip-timings] [--skip-load]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from memory import DEFAULT_MODEL_DIR, LOAD_CONFIGS, measure, write_model
 from results_file import avx2_emulated, machine_record, read_results, write_results
 from timing import median_seconds
 
-SHAPES = [(4096, 4096), (11008, 4096)]
+SHAPES = ["4096x4096", "11008x4096"]  # Llama-7B's attention and MLP weights [out, in]
 
 
 def _forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor):
@@ -124,16 +128,39 @@ def bench_load(model_dir: Path, threads: int) -> dict:
     return {"model_dir": str(model_dir), "bf16_file_bytes": bf16_bytes, **rows}
 
 
-def print_timings(section: dict) -> None:
-    """The timing table of one compute dtype."""
+def print_timings(run: dict) -> None:
+    """The timing table of one run."""
+    meta = run["meta"]
+    print(
+        f"{meta['compute_dtype']}, {meta['threads']} threads, {meta['tokens']} tokens, median of {meta['repeats']} "
+        f"(ms); 1-minute load average before / after: {meta['loadavg_1min_before_after'][0]:.2f} / "
+        f"{meta['loadavg_1min_before_after'][1]:.2f}; {run['machine']['cpu']} ({run['machine']['isa']}"
+        + (", torch and oneDNN capped at AVX2" if run["machine"].get("avx2_emulated") else "")
+        + ")"
+    )
     print(f"{'shape [out, in]':<16} {'measurement':<30} {'lorakit':>10} {'bnb':>10} {'bnb/lorakit':>12}")
-    for result in section["results"]:
+    for result in run["results"]:
         shape = "x".join(map(str, result["shape"]))
         for name, row in result["timings"].items():
             ours, theirs = row["lorakit"]["median_s"] * 1e3, row["bnb"]["median_s"] * 1e3
-            print(f"{shape:<16} {name:<30} {ours:>10.1f} {theirs:>10.1f} {row['bnb/lorakit']:>11.2f}x")
+            digits = 3 if min(ours, theirs) < 10 else 1  # small layers take fractions of a millisecond
+            print(
+                f"{shape:<16} {name:<30} {ours:>10.{digits}f} {theirs:>10.{digits}f} {row['bnb/lorakit']:>11.2f}x"
+            )
         bits = result["bits_per_parameter"]
         print(f"{shape:<16} {'bits per parameter':<30} {bits['lorakit']:>10.4f} {bits['bnb']:>10.4f}")
+
+
+def merge_runs(runs: list[dict] | dict, new: dict) -> list[dict]:
+    """``runs`` of one compute dtype with ``new`` added: its (shape, tokens) figures replace the earlier ones."""
+    runs = [runs] if isinstance(runs, dict) else runs  # one run per dtype, as first written
+    replaced = {(tuple(r["shape"]), new["meta"]["tokens"]) for r in new["results"]}
+    kept = []
+    for run in runs:
+        results = [r for r in run["results"] if (tuple(r["shape"]), run["meta"]["tokens"]) not in replaced]
+        if results:
+            kept.append({**run, "results": results})
+    return [*kept, new]
 
 
 def main() -> None:
@@ -144,6 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--tokens", type=int, default=2048, help="rows of the input for forward + backward")
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="weight shapes OUTxIN")
     parser.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results/quant.<kind>.json"
     )
@@ -159,34 +187,33 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = resolve_dtype(args.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    # Each compute dtype's timings and the load peak carry the machine they were measured on: a rerun of one part
-    # keeps the others from the file.
+    # Each run of each compute dtype, and the load peak, carry the machine they were measured on: a rerun of one
+    # part keeps the others from the file.
     previous = read_results("quant", args.out) or {}
     timings = previous.get("timings", {})
     load_peak = previous.get("load_peak")
 
+    new = None
     if not args.skip_timings:
+        shapes = [tuple(int(size) for size in shape.split("x")) for shape in args.shapes]
         load_before = os.getloadavg()
-        results = [bench_shape(shape, args.tokens, args.repeats, dtype) for shape in SHAPES]
+        results = [bench_shape(shape, args.tokens, args.repeats, dtype) for shape in shapes]
         load_after = os.getloadavg()
         meta = {
             "threads": args.threads, "repeats": args.repeats, "tokens": args.tokens, "compute_dtype": dtype_name,
             "loadavg_1min_before_after": [load_before[0], load_after[0]],
         }  # fmt: skip
-        timings[dtype_name] = {"machine": machine_record(), "meta": meta, "results": results}
-        print(f"CPU, {args.threads} threads, {dtype_name} weights and compute, nf4 + double quant, median of "
-              f"{args.repeats} (ms)")  # fmt: skip
-        print(
-            f"1-minute load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-            f"on {os.cpu_count()} cores"
-        )
+        new = {"machine": machine_record(), "meta": meta, "results": results}
+        timings[dtype_name] = merge_runs(timings.get(dtype_name, []), new)
         if avx2_emulated():
             print("torch and oneDNN capped at AVX2 (emulation); bitsandbytes' own C kernels are not capped")
-        print_timings(timings[dtype_name])
-    for name, section in timings.items():
-        if args.skip_timings or name != dtype_name:
-            print(f"\n{name} timings kept from the file (median of {section['meta']['repeats']}, ms)")
-            print_timings(section)
+        print("this run, nf4 + double quant:")
+        print_timings(new)
+    for runs in timings.values():
+        for run in [runs] if isinstance(runs, dict) else runs:
+            if run is not new:
+                print("\nkept from the file:")
+                print_timings(run)
     if not args.skip_load:
         load_peak = {"machine": machine_record(), **bench_load(args.model_dir, args.threads)}
     if load_peak:
