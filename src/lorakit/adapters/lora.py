@@ -193,7 +193,9 @@ class LoraLinear(nn.Module):
                     result, hidden, lora_b.weight, scale, self.scaling[name], self._bias()
                 )
                 continue
-            delta = lora_b(lora_a(x_adapter)) * self.scaling[name]  # [..., r] -> [..., out]
+            # The scale multiplies the rank-r hidden, not the [..., out] product: the same value, r/out of the
+            # elementwise work (it was 10-18% of a small model's training step on CPU).
+            delta = lora_b(lora_a(x_adapter) * self.scaling[name])  # [..., r] -> [..., out]
             result = result + delta.to(result.dtype)
         return result
 
@@ -300,7 +302,9 @@ class LoraLinear(nn.Module):
             if names[0] not in self.lora_A:
                 return result
             lora_a, lora_b = self.lora_A[names[0]], self.lora_B[names[0]]
-            delta = lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[names[0]]  # [..., out]
+            delta = lora_b(
+                lora_a(x.to(lora_a.weight.dtype)) * self.scaling[names[0]]
+            )  # as forward: scale at rank r
             return result + delta.to(result.dtype)
         stacked = self._stacked(names)
         if stacked is None:
