@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lorakit.errors import ConfigError
-from lorakit.recipe import QUICKSTART_DIR, RECIPES_DIR, Recipe, load_recipe, recipe_from_dict
+from lorakit.recipe import QUICKSTART_DIR, RECIPES_DIR, Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
 
@@ -104,7 +104,8 @@ def test_loraplus_needs_a_method_with_b_matrices(method):
     with pytest.raises(
         ConfigError, match=rf"train\.loraplus_ratio .* adapter\.method={method} does not have"
     ):
-        load_recipe(None, [f"adapter.method={method}", "train.loraplus_ratio=16"])
+        # From the dataclass defaults, not the quickstart recipe (whose LoRA fields QR-LoRA would refuse first).
+        recipe_from_dict(apply_overrides({}, [f"adapter.method={method}", "train.loraplus_ratio=16"]))
     assert load_recipe(None, ["adapter.method=dora", "train.loraplus_ratio=16"]).train.loraplus_ratio == 16
 
 
