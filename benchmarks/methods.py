@@ -245,8 +245,8 @@ def setup_qlora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
     ``quantize_model`` skips the classifier by itself; the pooler is BERT's own layer, kept with ``keep_modules``.
     """
     import lorakit
-    from lorakit.adapters.pissa import quantize_model
     from lorakit.hardware import auto_dtype
+    from lorakit.quantize import quantize_model
 
     dtype = auto_dtype("cpu")
     quantize_model(model, compute_dtype=dtype, keep_modules=["bert.pooler.dense"])
@@ -268,14 +268,13 @@ def adalora_config(rank: int, steps: int):
 
 
 def setup_adalora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
+    import lorakit
     from lorakit.adapters.rank_allocator import AdaLoraController
-    from lorakit.variants import wrap_adalora
-    from lorakit.variants_io import save_variant
 
-    wrap_adalora(model, adalora_config(rank, steps))
+    lorakit.wrap(model, adalora_config(rank, steps))
     controller = AdaLoraController(model, "default", total_step=steps)
     return Setup(
-        model, [{"params": _trainable(model), "lr": lr}], lambda p: save_variant(model, p),
+        model, [{"params": _trainable(model), "lr": lr}], lambda p: lorakit.save_adapter(model, p),
         regularizer=lambda: controller.regularizer(model),
         after_step=lambda step: controller.step(model, step),
     )  # fmt: skip
@@ -283,13 +282,13 @@ def setup_adalora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
 
 def setup_qrlora(model: nn.Module, lr: float, rank: int, steps: int) -> Setup:
     """QR-LoRA with its defaults (energy 0.9, capped at 16 components per matrix): only λ and the head train."""
+    import lorakit
     from lorakit.adapters.qrlora import QRLoraConfig
-    from lorakit.variants import variant_layers, wrap_qrlora
-    from lorakit.variants_io import save_variant
+    from lorakit.walk import adapter_layers
 
-    wrap_qrlora(model, QRLoraConfig(target_modules=list(TARGETS), modules_to_save=list(HEAD)))
-    ranks = sorted({layer.qr_lambda["default"].numel() for _, layer in variant_layers(model)})
-    setup = Setup(model, [{"params": _trainable(model), "lr": lr}], lambda p: save_variant(model, p))
+    lorakit.wrap(model, QRLoraConfig(target_modules=list(TARGETS), modules_to_save=list(HEAD)))
+    ranks = sorted({layer.rank("default") for _, layer in adapter_layers(model)})
+    setup = Setup(model, [{"params": _trainable(model), "lr": lr}], lambda p: lorakit.save_adapter(model, p))
     setup.notes["ranks"] = ranks
     return setup
 

@@ -133,7 +133,7 @@ def test_save_is_atomic_and_keeps_old_files_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.io, "save_file", boom)
+    monkeypatch.setattr(lorakit.files, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         lorakit.save_adapter(model, path)
     assert (path / "adapter_model.safetensors").read_bytes() == before

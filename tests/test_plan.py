@@ -90,16 +90,17 @@ def _saved_bytes_per_layer(method: str, dropout: float, kv_heads: int) -> tuple[
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.loading import _quantizable, _set_module
     from lorakit.quant import Linear4bit
+    from lorakit.quantize import quantizable_paths
+    from lorakit.walk import set_submodule
 
     torch.manual_seed(0)
     fields = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=kv_heads, vocab_size=512)  # fmt: skip
     model = LlamaForCausalLM(LlamaConfig(**fields)).to(torch.bfloat16)
     if method == "qlora":
-        for path in _quantizable(model, set()):
-            _set_module(model, path, Linear4bit.from_linear(model.get_submodule(path)))
+        for path in quantizable_paths(model, set()):
+            set_submodule(model, path, Linear4bit.from_linear(model.get_submodule(path)))
     if method == "full":
         model.requires_grad_(True)
     else:

@@ -23,16 +23,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.adapters.rank_allocator import AdaLoraController
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.inject import adapter_configs
-from lorakit.io import atomic_save_safetensors, read_adapter_weights, save_adapter
-from lorakit.variants_io import checkpoint_state_dict, save_variant
+from lorakit.files import atomic_save_safetensors, read_adapter_weights
+from lorakit.io import save_adapter
+from lorakit.methods import AdaLoraTraining, TrainingHooks
+from lorakit.walk import adapter_state_dict
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 RNG_TENSORS = "rng.safetensors"
-ADALORA_TENSORS = "adalora_state.safetensors"
+ADALORA_TENSORS = "adalora_state.safetensors"  # AdaLoraTraining.name + "_state.safetensors"
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,6 +75,11 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss))
 
 
+def _hooks_of(hooks: TrainingHooks | None, controller: AdaLoraController | None) -> TrainingHooks | None:
+    """The run's hooks; a bare AdaLoRA controller (the older argument) is wrapped in its hooks."""
+    return hooks if controller is None else AdaLoraTraining(controller)
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     model: nn.Module,
@@ -82,6 +87,7 @@ def save_checkpoint(
     state: dict[str, Any],
     adapter_name: str = "default",
     controller: AdaLoraController | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> Path:
     """Write a checkpoint atomically into ``directory`` (replacing an older one of the same name).
 
@@ -91,24 +97,24 @@ def save_checkpoint(
         optimizer (Optimizer): Its optimizer.
         state (dict): JSON-serializable trainer state (step, data position, scheduler state, metrics).
         adapter_name (str): The adapter being trained.
-        controller (AdaLoraController | None): An AdaLoRA run's rank allocator, saved with it. Default None.
+        controller (AdaLoraController | None): An AdaLoRA run's rank allocator (same as its ``hooks``).
+        hooks (TrainingHooks | None): The method's hooks of this run; what they keep is saved with it
+            (``<name>_state.safetensors`` and ``trainer_state.json[<name>]``). Default None.
 
     Returns:
         Path: ``directory``.
     """
+    hooks = _hooks_of(hooks, controller)
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if isinstance(adapter_configs(model).get(adapter_name), LoraConfig):
-        save_adapter(model, tmp, adapter_name)
-    else:
-        save_variant(model, tmp, adapter_name, trim=False)
+    save_adapter(model, tmp, adapter_name, trim=False)  # AdaLoRA untrimmed: a pruned component can come back
     payload_extra = {}
-    if controller is not None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in controller.state_dict().items()}
-        atomic_save_safetensors(tensors, tmp / ADALORA_TENSORS)
-        payload_extra["adalora"] = {"rank_pattern": controller.config.rank_pattern}
+    kept = hooks.checkpoint_state() if hooks is not None else None
+    if kept is not None:
+        atomic_save_safetensors(kept[0], tmp / f"{hooks.name}_state.safetensors")
+        payload_extra[hooks.name] = kept[1]
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     atomic_save_safetensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
     rng_tensors, rng_meta = rng_state()
@@ -130,34 +136,39 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     adapter_name: str = "default",
     controller: AdaLoraController | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> dict[str, Any]:
-    """Restore adapter weights, optimizer state, RNG states and an AdaLoRA run's rank allocator (importance
-    EMAs and rank pattern); return the trainer state dict.
+    """Restore adapter weights, optimizer state, RNG states and what the method's hooks keep (an AdaLoRA run's
+    importance EMAs and rank pattern); return the trainer state dict.
 
     Raises:
         AdapterFileError: The directory is not a complete checkpoint, or not one of this recipe's method.
     """
+    hooks = _hooks_of(hooks, controller)
     directory = Path(directory)
     for name in (STATE_NAME, OPTIMIZER_TENSORS, RNG_TENSORS):
         if not (directory / name).is_file():
             raise AdapterFileError(f"{directory} is not a lorakit checkpoint: {name} is missing")
     state = json.loads((directory / STATE_NAME).read_text())
     weights = read_adapter_weights(directory)
-    targets = checkpoint_state_dict(model, adapter_name)
+    targets = adapter_state_dict(model, adapter_name, trim=False)
     if set(weights) != set(targets):
         raise AdapterFileError(f"{directory}: the checkpoint's adapter does not match this recipe's adapter")
     with torch.no_grad():
         for key, value in weights.items():
             targets[key].copy_(value)
-    if controller is not None:
-        if not (directory / ADALORA_TENSORS).is_file() or "adalora" not in state:
+    if hooks is not None and hooks.checkpoint_state() is not None:
+        file = directory / f"{hooks.name}_state.safetensors"
+        if not file.is_file() or hooks.name not in state:
             raise AdapterFileError(
-                f"{directory}: {ADALORA_TENSORS} or the rank pattern is missing: not an AdaLoRA checkpoint"
+                f"{directory}: {file.name} or its trainer state is missing: not a checkpoint of this recipe's "
+                f"{hooks.name} run"
             )
         device = next(iter(targets.values())).device
-        tensors = load_file(directory / ADALORA_TENSORS)
-        controller.load_state_dict({key: value.to(device) for key, value in tensors.items()})
-        controller.config.rank_pattern = state["adalora"]["rank_pattern"]
+        tensors = load_file(file)
+        hooks.load_checkpoint_state(
+            {key: value.to(device) for key, value in tensors.items()}, state[hooks.name]
+        )
     optimizer.load_state_dict(
         _optimizer_from_files(load_file(directory / OPTIMIZER_TENSORS), state["optimizer"])
     )

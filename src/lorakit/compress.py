@@ -17,28 +17,33 @@ reads both kinds, dequantizing to fp32.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.inject import adapter_configs, adapter_state_dict, require_lora
-from lorakit.io import (
+from lorakit.files import (
     CONFIG_NAME,
+    INT8_FORMAT,
+    INT8_FORMAT_KEY,
+    INT8_SCALE_SUFFIX,
     INT8_WEIGHTS_NAME,
     WEIGHTS_NAME,
     atomic_save_safetensors,
-    atomic_write_bytes,
+    dequantize_rows,
     read_adapter_weights,
+    read_config_json,
+    read_int8_weights,
+    write_config_json,
 )
+from lorakit.methods import method_of, require_lora_factors
+from lorakit.walk import adapter_configs, adapter_state_dict
 
-FORMAT = "int8-rowwise-v1"
-FORMAT_KEY = "lorakit_compression"
-SCALE_SUFFIX = ".scale"
+FORMAT = INT8_FORMAT
+FORMAT_KEY = INT8_FORMAT_KEY
+SCALE_SUFFIX = INT8_SCALE_SUFFIX
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +58,6 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row quantizes to zeros
     codes = torch.round(weight / divisor[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes, scale
-
-
-def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``codes`` [rows, cols] int8 times ``scale`` [rows] fp32: the fp32 weight [rows, cols]."""
-    return codes.float() * scale.float()[:, None]
 
 
 def _is_factor(key: str) -> bool:
@@ -75,43 +75,6 @@ def compress_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {key: value.to("cpu").contiguous() for key, value in out.items()}
 
 
-def read_int8_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.int8.safetensors`` and dequantize it: PEFT-keyed fp32 tensors.
-
-    Raises:
-        AdapterFileError: Missing, unreadable, not marked ``int8-rowwise-v1``, or a code tensor without its scale.
-    """
-    file = Path(path) / INT8_WEIGHTS_NAME
-    if not file.is_file():
-        raise AdapterFileError(f"{file} not found")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            found = (handle.metadata() or {}).get(FORMAT_KEY)
-            stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{file} is corrupt or not a safetensors file: {err}") from None
-    if found != FORMAT:
-        raise AdapterFileError(
-            f"{file}: safetensors metadata {FORMAT_KEY}={found!r}, expected {FORMAT!r} (written by a newer "
-            "lorakit, or not a lorakit int8 adapter)"
-        )
-    weights = {}
-    for key, tensor in stored.items():
-        if key.endswith(SCALE_SUFFIX):
-            continue
-        if tensor.dtype != torch.int8:
-            weights[key] = tensor
-            continue
-        scale = stored.get(key + SCALE_SUFFIX)
-        if scale is None or scale.shape != (tensor.shape[0],):
-            raise AdapterFileError(
-                f"{file}: int8 tensor {key!r} {tuple(tensor.shape)} needs {key + SCALE_SUFFIX!r} of shape "
-                f"({tensor.shape[0]},), got {None if scale is None else tuple(scale.shape)}"
-            )
-        weights[key] = dequantize_rows(tensor, scale)
-    return weights
-
-
 def _write(tensors: dict[str, torch.Tensor], config: dict, out: str | os.PathLike) -> Path:
     """Write an int8 adapter directory from PEFT-keyed fp32 ``tensors`` and an ``adapter_config.json`` dict."""
     out = Path(out)
@@ -122,8 +85,7 @@ def _write(tensors: dict[str, torch.Tensor], config: dict, out: str | os.PathLik
         )
     metadata = {"format": "pt", FORMAT_KEY: FORMAT}
     atomic_save_safetensors(compress_tensors(tensors), out / INT8_WEIGHTS_NAME, metadata=metadata)
-    config = {**config, FORMAT_KEY: FORMAT}
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_config_json(out, {**config, FORMAT_KEY: FORMAT})
     return out
 
 
@@ -145,20 +107,11 @@ def save_adapter_int8(model: nn.Module, path: str | os.PathLike, adapter_name: s
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} to save; present: {sorted(configs)}")
-    require_lora(model, [adapter_name], "save_adapter_int8: int8 files", "save it with lorakit.save_adapter")
-    return _write(adapter_state_dict(model, adapter_name), configs[adapter_name].to_peft_dict(), path)
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        data = json.loads((path / CONFIG_NAME).read_text())
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path / CONFIG_NAME} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path / CONFIG_NAME} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{path / CONFIG_NAME} must hold a JSON object, got {type(data).__name__}")
-    return data
+    require_lora_factors(
+        model, [adapter_name], "save_adapter_int8: int8 files", "save it with lorakit.save_adapter"
+    )
+    config = configs[adapter_name]
+    return _write(adapter_state_dict(model, adapter_name), method_of(config).to_file(config), path)
 
 
 def compress(path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -168,7 +121,7 @@ def compress(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         AdapterFileError: Missing or corrupt input files, or ``out`` holds an fp32 adapter.
     """
     path = Path(path)
-    return _write(read_adapter_weights(path), _read_config(path), out)
+    return _write(read_adapter_weights(path), read_config_json(path), out)
 
 
 def decompress(path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -179,14 +132,15 @@ def decompress(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         AdapterFileError: Missing or corrupt input files.
     """
     path, out = Path(path), Path(out)
-    config = _read_config(path)
+    config = read_config_json(path)
     config.pop(FORMAT_KEY, None)
     atomic_save_safetensors(read_int8_weights(path), out / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_config_json(out, config)
     return out
 
 
 __all__ = [
+    "CONFIG_NAME",
     "FORMAT",
     "compress",
     "decompress",

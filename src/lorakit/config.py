@@ -119,63 +119,41 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0):
-            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+            raise field_error("LoraConfig", "r", f" must be a positive integer, got {self.r!r}")
         if not _is_positive_number(self.lora_alpha):
-            raise ConfigError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
+            raise field_error(
+                "LoraConfig", "lora_alpha", f" must be a positive number, got {self.lora_alpha!r}"
+            )
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise field_error("LoraConfig", "lora_dropout", f" must be in [0, 1), got {self.lora_dropout!r}")
         init = self.init_lora_weights
         if not (init in (True, False, "gaussian") or is_pissa_init(init)):
-            raise ConfigError(
-                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>' "
-                f"(k >= 0 subspace iterations), got {self.init_lora_weights!r}"
+            raise field_error(
+                "LoraConfig",
+                "init_lora_weights",
+                " must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>' "
+                f"(k >= 0 subspace iterations), got {self.init_lora_weights!r}",
             )
         if not isinstance(self.use_dora, bool):
-            raise ConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
+            raise field_error("LoraConfig", "use_dora", f" must be true or false, got {self.use_dora!r}")
         if self.bias != "none":
-            raise ConfigError(
-                f"LoraConfig.bias={self.bias!r} is not supported: lorakit keeps base biases frozen "
-                "(bias='none'); train a bias with modules_to_save instead"
+            raise field_error(
+                "LoraConfig",
+                "bias",
+                f"={self.bias!r} is not supported: lorakit keeps base biases frozen "
+                "(bias='none'); train a bias with modules_to_save instead",
             )
-        self.target_modules = self._check_names("target_modules", self.target_modules)
-        self.exclude_modules = self._check_names("exclude_modules", self.exclude_modules)
-        if isinstance(self.target_modules, str) and self.target_modules not in (ALL_LINEAR, *TARGET_PRESETS):
-            _check_regex("target_modules", self.target_modules)
-        if isinstance(self.exclude_modules, str):
-            _check_regex("exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self._check_names("modules_to_save", self.modules_to_save) or [])
+        check_target_fields(self, "LoraConfig")
         for key, value in self.rank_pattern.items():
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ConfigError(
-                    f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}"
+                raise field_error(
+                    "LoraConfig", "rank_pattern", f"[{key!r}] must be a positive integer, got {value!r}"
                 )
         for key, value in self.alpha_pattern.items():
             if not _is_positive_number(value):
-                raise ConfigError(
-                    f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {value!r}"
+                raise field_error(
+                    "LoraConfig", "alpha_pattern", f"[{key!r}] must be a positive number, got {value!r}"
                 )
-        if self.layers_to_transform is not None:
-            if isinstance(self.target_modules, str):
-                raise ConfigError(
-                    "LoraConfig.layers_to_transform needs target_modules as a list of names, "
-                    f"got the string {self.target_modules!r}"
-                )
-            layers = self.layers_to_transform
-            layers = [layers] if isinstance(layers, int) else list(layers)
-            if not all(isinstance(i, int) and i >= 0 for i in layers):
-                raise ConfigError(
-                    f"LoraConfig.layers_to_transform must hold non-negative integers, got {self.layers_to_transform!r}"
-                )
-
-    @staticmethod
-    def _check_names(name: str, value: Any) -> list[str] | str | None:
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-            # Sets (as PEFT writes them in memory) are sorted so files and comparisons are deterministic.
-            return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-        raise ConfigError(f"LoraConfig.{name} must be a string or a list of strings, got {value!r}")
 
     # ----------------------------------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -219,10 +197,7 @@ class LoraConfig:
         """
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ConfigError(
-                f"{source}: peft_type is {peft_type!r}; lorakit reads LORA (with DoRA), ADALORA and "
-                "LORAKIT_QRLORA adapters: train or convert it to one of those"
-            )
+            raise ConfigError(f"{source}: peft_type is {peft_type!r}; a LoraConfig reads 'LORA' adapters")
         for key, default in _PEFT_UNSUPPORTED.items():
             if data.get(key, default) not in (default, [], {}):
                 raise ConfigError(
@@ -255,8 +230,74 @@ def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     return None
 
 
-def _check_regex(name: str, pattern: str) -> None:
+# The fields that say which modules an adapter targets; every method's config has them, with LoraConfig's meaning.
+TARGET_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+)
+
+
+def check_target_fields(config: Any, owner: str) -> None:
+    """Validate and normalize the :data:`TARGET_FIELDS` of a method config in place (sets sorted into lists ...).
+
+    Args:
+        config: A config dataclass holding the target fields (:class:`LoraConfig`, ``AdaLoraConfig`` ...).
+        owner (str): Its class name, used in error messages (``"AdaLoraConfig"``).
+
+    Raises:
+        ConfigError: A field is invalid; the message names ``owner.field``, expected and got.
+    """
+    config.target_modules = _names(owner, "target_modules", config.target_modules)
+    config.exclude_modules = _names(owner, "exclude_modules", config.exclude_modules)
+    if isinstance(config.target_modules, str) and config.target_modules not in (ALL_LINEAR, *TARGET_PRESETS):
+        _check_regex(owner, "target_modules", config.target_modules)
+    if isinstance(config.exclude_modules, str):
+        _check_regex(owner, "exclude_modules", config.exclude_modules)
+    if config.modules_to_save is not None:
+        config.modules_to_save = list(_names(owner, "modules_to_save", config.modules_to_save) or [])
+    if config.layers_to_transform is not None:
+        if isinstance(config.target_modules, str):
+            raise field_error(
+                owner,
+                "layers_to_transform",
+                f" needs target_modules as a list of names, got the string {config.target_modules!r}",
+            )
+        layers = config.layers_to_transform
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        if not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise field_error(
+                owner,
+                "layers_to_transform",
+                f" must hold non-negative integers, got {config.layers_to_transform!r}",
+            )
+
+
+def _names(owner: str, name: str, value: Any) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        # Sets (as PEFT writes them in memory) are sorted so files and comparisons are deterministic.
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise field_error(owner, name, f" must be a string or a list of strings, got {value!r}")
+
+
+def _check_regex(owner: str, name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as err:
-        raise ConfigError(f"LoraConfig.{name}={pattern!r} is not a valid regular expression: {err}") from None
+        raise field_error(owner, name, f"={pattern!r} is not a valid regular expression: {err}") from None
+
+
+def field_error(owner: str, name: str, detail: str) -> ConfigError:
+    """The error for field ``name`` of config ``owner``: ``"<owner>.<name><detail>"``, e.g.
+    ``field_error("LoraConfig", "r", " must be a positive integer, got 0")``. The error keeps ``field`` and
+    ``detail``, so a recipe can name the field as its YAML does (``adapter.r``)."""
+    return ConfigError(f"{owner}.{name}{detail}", field=name, detail=detail)
+
+
+def config_fields(cls: type) -> set[str]:
+    """Field names of a config dataclass."""
+    return {f.name for f in dataclasses.fields(cls)}

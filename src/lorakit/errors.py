@@ -13,7 +13,18 @@ class LorakitError(Exception):
 
 
 class ConfigError(LorakitError, ValueError):
-    """A configuration field has a value that cannot work (names the field, expected vs got)."""
+    """A configuration field has a value that cannot work (names the field, expected vs got).
+
+    Args:
+        message (str): The whole message, e.g. ``"LoraConfig.r must be a positive integer, got 0"``.
+        field (str | None): The field it is about (``"r"``), when it is about one.
+        detail (str | None): What follows the field's name in ``message`` (``" must be a positive integer,
+            got 0"``), so that a caller that names the field otherwise (a recipe's ``adapter.r``) can say the same.
+    """
+
+    def __init__(self, message: str, field: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.detail = field, detail
 
 
 class TargetModuleError(LorakitError, ValueError):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.data import Collator, TokenizedDataset
+from lorakit.data.formats import read_rows
 from lorakit.generate import SamplingConfig, generate_text
 from lorakit.loss import causal_lm_loss_sum
 
@@ -58,3 +60,15 @@ def exact_match_report(
 def perplexity(loss: float) -> float:
     """``exp(loss)``, capped to stay finite."""
     return math.exp(min(loss, 50.0))
+
+
+def report_rows(val_path: str | Path | None, limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` alpaca rows (``instruction`` + ``output``) of a validation file, for
+    :func:`exact_match_report`; none without a validation file."""
+    if val_path is None:
+        return []
+    parsed, _ = read_rows(Path(val_path))
+    rows = [
+        r.value for r in parsed if isinstance(r.value, dict) and {"instruction", "output"} <= r.value.keys()
+    ]
+    return rows[:limit]

@@ -1,8 +1,9 @@
-"""Walk a model: wrap its target modules (found by :mod:`lorakit.targets`) with adapters, freeze, count, merge, unload.
+"""Change a model's adapters: wrap its target modules (found by :mod:`lorakit.targets`), activate, freeze, count,
+merge, unload, for every method alike (the method's record in :data:`lorakit.methods.METHODS` says which layer).
 
 Every function here works in place on an ordinary ``nn.Module`` (a transformers model stays a transformers
 model: ``forward``, ``generate`` and ``save_pretrained`` keep working). The adapter configs are kept on the
-model as ``model.lorakit_configs`` (name -> :class:`LoraConfig`).
+model as ``model.lorakit_configs`` (name -> config; :mod:`lorakit.walk` reads them).
 """
 
 from __future__ import annotations
@@ -11,136 +12,97 @@ import contextlib
 import functools
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.adalora import AdaLoraConfig
-from lorakit.adapters.base import AdapterLinear
-from lorakit.adapters.lora import LoraLinear, ModulesToSaveWrapper, is_quantized
+from lorakit.adapters.base import AdapterLinear, ModulesToSaveWrapper, is_quantized
 from lorakit.adapters.mixed import BASE, RowPlan
-from lorakit.adapters.qrlora import QRLoraConfig
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TargetModuleError
+from lorakit.methods import method_of, require_lora_factors
+from lorakit.quant import Linear4bit
 from lorakit.targets import resolve_targets
+from lorakit.walk import (
+    CONFIGS_ATTR,
+    adapter_configs,
+    adapter_layers,
+    adapter_state_dict,
+    lora_layers,
+    saved_modules,
+    set_submodule,
+)
 
-CONFIGS_ATTR = "lorakit_configs"
-
-
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The adapters on ``model``, name -> config (empty if it was never wrapped)."""
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
-
-
-def _wrappers(
-    module: nn.Module, kinds: tuple[type, ...], prefix: str = "", seen: set | None = None
-) -> Iterator:
-    """``(path, module)`` for every module of ``kinds``, in ``named_modules`` order, without walking inside them.
-
-    Inside a wrapper are one small module per adapter (``lora_A[name]``, ``lora_B[name]``, dropout): with many
-    adapters they are most of the model's modules, and ``named_modules`` would visit them on every mixed-batch
-    forward.
-    """
-    if seen is None:
-        if isinstance(module, kinds):
-            yield "", module
-            return
-        seen = {id(module)}
-    for name, child in module._modules.items():
-        if child is None or id(child) in seen:
-            continue
-        seen.add(id(child))
-        path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, kinds):
-            yield path, child
-        else:
-            yield from _wrappers(child, kinds, path, seen)
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    """Every ``(path, LoraLinear)`` in ``model``, in ``named_modules`` order."""
-    return _wrappers(model, (LoraLinear,))
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | AdapterLinear]]:
-    """Every ``(path, layer)`` holding adapters of any method: LoRA / DoRA (``LoraLinear``), AdaLoRA and
-    QR-LoRA (:class:`~lorakit.adapters.base.AdapterLinear`). They share ``active_adapters``,
-    ``merged_adapters``, ``set_trainable``, ``merge``, ``unmerge``, ``merged_base_layer``, ``delete_adapter``."""
-    return _wrappers(model, (LoraLinear, AdapterLinear))
-
-
-def _held(layer: LoraLinear | AdapterLinear) -> list[str]:
-    """Names of the adapters ``layer`` holds."""
-    return list(layer.lora_A) if isinstance(layer, LoraLinear) else layer.adapter_names()
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
+# One name for the mixed-batch operations that read LoRA factors (kept for callers of the old name).
+require_lora = require_lora_factors
 
 
 def wrap(
-    model: nn.Module, config: LoraConfig, adapter_name: str = "default", strict: bool = True
+    model: nn.Module,
+    config: Any,
+    adapter_name: str = "default",
+    strict: bool = True,
+    init: Callable[[str, nn.Module], Any] | None = None,
 ) -> nn.Module:
-    """Add a LoRA adapter named ``adapter_name`` to ``model``, in place.
+    """Add an adapter named ``adapter_name`` to ``model``, in place, of the method ``config`` describes.
 
-    The first adapter becomes active and trainable; all base weights are frozen. A later adapter is added
-    inactive and frozen (as in PEFT) until :func:`set_adapter` names it.
+    ``config`` is a :class:`~lorakit.LoraConfig` (LoRA, DoRA, PiSSA), an
+    :class:`~lorakit.adapters.adalora.AdaLoraConfig` or a :class:`~lorakit.adapters.qrlora.QRLoraConfig`
+    (:data:`lorakit.methods.METHODS`). The first adapter becomes active and trainable; all base weights are frozen.
+    A later adapter is added inactive and frozen (as in PEFT) until :func:`set_adapter` names it.
 
     Args:
         model (nn.Module): Any Hugging Face (or plain torch) model.
-        config (LoraConfig): The adapter's configuration.
+        config: The adapter's configuration.
         adapter_name (str): Unique name of the adapter. Default ``"default"``.
         strict (bool): Refuse listed target names that match nothing.
+        init (Callable[[str, nn.Module], Any] | None): ``(path, base layer)`` -> what the layer needs from an
+            adapter file (``load_adapter`` passes it: ranks of a pruned AdaLoRA adapter, QR-LoRA's factors).
 
     Returns:
         nn.Module: The same ``model`` object.
 
     Raises:
-        ConfigError: ``adapter_name`` is already used or is not a valid name.
+        ConfigError: ``adapter_name`` is already used or not a valid name, ``config`` is no method's, or a target
+            holds another method's adapters.
         TargetModuleError: The targets match no module.
     """
+    method = method_of(config)
     configs = adapter_configs(model)
-    if not adapter_name or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or adapter_name == "__base__":
-        raise ConfigError(
-            f"adapter_name must be letters, digits, '_' or '-' (not '__base__'), got {adapter_name!r}"
-        )
-    if adapter_name in configs:
-        raise ConfigError(
-            f"an adapter named {adapter_name!r} is already on this model; pick another name "
-            f"(present: {sorted(configs)})"
-        )
+    _check_new_name(adapter_name, configs)
     first = not configs
     if config.task_type is None:
         config.task_type = _infer_task_type(model)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     paths = resolve_targets(model, config, strict=strict)
-    held = [(p, type(m).__name__) for p in paths if isinstance(m := model.get_submodule(p), AdapterLinear)]
+    modules = {path: model.get_submodule(path) for path in paths}
+    held = [
+        (p, type(m).__name__)
+        for p, m in modules.items()
+        if isinstance(m, AdapterLinear) and type(m) is not method.layer
+    ]
     if held:  # checked before wrapping anything, so a refused call changes nothing
         raise ConfigError(
             f"{held[0][0]} already holds {held[0][1]} adapters; lorakit does not mix adapter methods on one layer: "
             "merge the other adapter first (merge_and_unload) or exclude this module"
         )
-    # GPT-2 Conv1D stores W^T; PEFT records that as fan_in_fan_out (and forces it on when loading).
-    config.fan_in_fan_out = (
-        any(isinstance(model.get_submodule(p), Conv1D) for p in paths) or config.fan_in_fan_out
-    )
+    bases = {p: m.base_layer if isinstance(m, AdapterLinear) else m for p, m in modules.items()}
+    inits = (
+        {p: init(p, base) for p, base in bases.items()} if init is not None else {}
+    )  # may refuse: nothing wrapped yet
+    if hasattr(
+        config, "fan_in_fan_out"
+    ):  # GPT-2 Conv1D stores W^T; PEFT records that (and forces it when loading)
+        config.fan_in_fan_out = any(isinstance(b, Conv1D) for b in bases.values()) or config.fan_in_fan_out
     if first:
         model.requires_grad_(False)
-    for path in paths:
-        module = model.get_submodule(path)
-        if not isinstance(module, LoraLinear):
-            module = LoraLinear(module)
-            _set_submodule(model, path, module)
-        r, alpha = config.rank_for(path), config.alpha_for(path)
-        module.add_adapter(
-            adapter_name, r, alpha, config.scaling(r, alpha), config.lora_dropout, config.init_lora_weights,
-            use_dora=config.use_dora,
-        )  # fmt: skip
+    for path, module in modules.items():
+        if not isinstance(module, method.layer):
+            module = method.layer(module)
+            set_submodule(model, path, module)
+        module.add_from_config(adapter_name, config, path, inits.get(path))
         module.set_trainable(adapter_name, first)
     _wrap_modules_to_save(model, config, adapter_name, trainable=first)
     _install_adapter_names_hook(model)
@@ -150,7 +112,19 @@ def wrap(
     return model
 
 
-def _wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str, trainable: bool) -> None:
+def _check_new_name(adapter_name: str, configs: dict[str, Any]) -> None:
+    if not adapter_name or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or adapter_name == BASE:
+        raise ConfigError(
+            f"adapter_name must be letters, digits, '_' or '-' (not '__base__'), got {adapter_name!r}"
+        )
+    if adapter_name in configs:
+        raise ConfigError(
+            f"an adapter named {adapter_name!r} is already on this model; pick another name "
+            f"(present: {sorted(configs)})"
+        )
+
+
+def _wrap_modules_to_save(model: nn.Module, config: Any, adapter_name: str, trainable: bool) -> None:
     for pattern in config.modules_to_save or []:
         matched = False
         for path, module in list(model.named_modules()):
@@ -158,7 +132,7 @@ def _wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: st
                 target = module if (path == pattern or path.endswith(f".{pattern}")) else None
             elif (path == pattern or path.endswith(f".{pattern}")) and ".modules_to_save." not in path:
                 target = ModulesToSaveWrapper(module)
-                _set_submodule(model, path, target)
+                set_submodule(model, path, target)
             else:
                 target = None
             if target is not None:
@@ -201,16 +175,15 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
         if name not in configs:
             raise ConfigError(f"no adapter named {name!r} on this model; present: {sorted(configs)}")
     for _, layer in adapter_layers(model):
-        held = _held(layer)
+        held = layer.adapter_names()
         layer.active_adapters = [n for n in names if n in held]
         for name in held:
             layer.set_trainable(name, name in names)
-    for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            active = [n for n in names if n in module.modules_to_save]
-            module.active_adapter = active[0] if active else None
-            for name, copy in module.modules_to_save.items():
-                copy.requires_grad_(name in names)
+    for _, module in saved_modules(model):
+        active = [n for n in names if n in module.modules_to_save]
+        module.active_adapter = active[0] if active else None
+        for name, copy in module.modules_to_save.items():
+            copy.requires_grad_(name in names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -233,7 +206,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model only inside the ``with`` block (merged adapters are unmerged first)."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdapterLinear, ModulesToSaveWrapper))]
+    layers = [m for m in model.modules() if isinstance(m, (AdapterLinear, ModulesToSaveWrapper))]
     previous = [m.adapters_disabled for m in layers]
     for module in layers:
         module.adapters_disabled = True
@@ -283,27 +256,6 @@ def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]
     finally:
         for layer, state in zip(layers, previous):
             layer.row_plan = state
-
-
-def require_lora(model: nn.Module, names: list[str], what: str, instead: str) -> None:
-    """Raise :class:`ConfigError` naming the first of ``names`` that is an AdaLoRA / QR-LoRA adapter.
-
-    Args:
-        model (nn.Module): The wrapped model (``names`` must be its adapters).
-        names (list[str]): Adapters about to be used by an operation that reads LoRA factors.
-        what (str): The operation, for the message (e.g. ``"add_weighted_adapter"``).
-        instead (str): What to do instead, besides merging.
-    """
-    configs = adapter_configs(model)
-    for name in names:
-        if not isinstance(configs[name], LoraConfig):
-            kind = {"AdaLoraConfig": "an AdaLoRA", "QRLoraConfig": "a QR-LoRA"}.get(
-                type(configs[name]).__name__
-            )
-            raise ConfigError(
-                f"{what} take LoRA and DoRA adapters only, and {name!r} is {kind or 'another kind of'} adapter: "
-                f"{instead}, or merge it into the base first (lorakit.merge_and_unload)"
-            )
 
 
 def _install_adapter_names_hook(model: nn.Module) -> None:
@@ -356,11 +308,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} on this model; present: {sorted(configs)}")
     for _, layer in adapter_layers(model):
-        if adapter_name in _held(layer):
+        if adapter_name in layer.adapter_names():
             layer.delete_adapter(adapter_name)
-    for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            module.delete_adapter(adapter_name)
+    for _, module in saved_modules(model):
+        module.delete_adapter(adapter_name)
     del configs[adapter_name]
 
 
@@ -385,7 +336,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     names = adapter_names if adapter_names is not None else active_adapters(model)
     for path, layer in list(adapter_layers(model)):
         layer.unmerge()
-        _set_submodule(model, path, layer.merged_base_layer(names))
+        set_submodule(model, path, layer.merged_base_layer(names))
     _unwrap_modules_to_save(model, keep=names[0] if names else None)
     adapter_configs(model).clear()
     _remove_adapter_names_hook(model)
@@ -399,8 +350,6 @@ def merge_and_requantize(model: nn.Module, adapter_names: list[str] | None = Non
     (a warning says so). For an exact merged model use :func:`merge_and_unload`, which keeps the merged
     weights in the compute dtype. Layers whose base is not quantized are merged as usual.
     """
-    from lorakit.quant import Linear4bit
-
     warnings.warn(
         "re-quantizing merged weights to 4 bits rounds them: outputs will differ slightly from base + adapter; "
         "use lorakit.merge_and_unload(model) for an exact bf16 merge",
@@ -417,7 +366,7 @@ def merge_and_requantize(model: nn.Module, adapter_names: list[str] | None = Non
                 merged, quant_type=base.quant_type, blocksize=base.blocksize, double_quant=base.double_quant,
                 compute_dtype=base.compute_dtype, name=path,
             )  # fmt: skip
-        _set_submodule(model, path, merged)
+        set_submodule(model, path, merged)
     _unwrap_modules_to_save(model, keep=names[0] if names else None)
     adapter_configs(model).clear()
     _remove_adapter_names_hook(model)
@@ -428,7 +377,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the base model of the original classes."""
     for path, layer in list(adapter_layers(model)):
         layer.unmerge()
-        _set_submodule(model, path, layer.base_layer)
+        set_submodule(model, path, layer.base_layer)
     _unwrap_modules_to_save(model, keep=None)
     adapter_configs(model).clear()
     _remove_adapter_names_hook(model)
@@ -436,10 +385,9 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _unwrap_modules_to_save(model: nn.Module, keep: str | None) -> None:
-    for path, module in list(model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            inner = module.modules_to_save[keep] if keep in module.modules_to_save else module.original_module  # noqa: SIM401
-            _set_submodule(model, path, inner)
+    for path, module in list(saved_modules(model)):
+        inner = module.modules_to_save[keep] if keep in module.modules_to_save else module.original_module  # noqa: SIM401
+        set_submodule(model, path, inner)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -469,41 +417,11 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def mark_trainable(model: nn.Module, adapter_name: str, trainable: bool = True) -> None:
     """Set ``requires_grad`` on every weight of one adapter."""
     for _, layer in adapter_layers(model):
-        if adapter_name in _held(layer):
+        if adapter_name in layer.adapter_names():
             layer.set_trainable(adapter_name, trainable)
-    for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+    for _, module in saved_modules(model):
+        if adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(trainable)
-
-
-def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name``'s tensors under PEFT's file keys (``base_model.model.<path>.lora_A.weight``).
-
-    A DoRA magnitude is ``base_model.model.<path>.lora_magnitude_vector`` (no ``.weight``), as PEFT writes it.
-    """
-    state = {}
-    for path, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            state[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            state[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-        if adapter_name in layer.lora_magnitude_vector:
-            magnitude = layer.lora_magnitude_vector[adapter_name].weight
-            state[f"base_model.model.{path}.lora_magnitude_vector"] = magnitude
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
-                state[f"base_model.model.{path}.{key}"] = tensor
-    return state
-
-
-def _rank_in_layer(layer: LoraLinear | AdapterLinear, path: str, name: str, config) -> int:
-    """Adapter ``name``'s rank in ``layer``: LoRA's r, AdaLoRA's kept components (its rank pattern), QR-LoRA's r."""
-    if isinstance(layer, LoraLinear):
-        return layer.r[name]
-    if hasattr(layer, "rank"):  # QR-LoRA
-        return layer.rank(name)
-    keep = (getattr(config, "rank_pattern", None) or {}).get(f"{path}.lora_E")
-    return sum(keep) if keep is not None and len(keep) == layer.r[name] else layer.r[name]
 
 
 def list_adapters(model: nn.Module) -> list[dict]:
@@ -519,19 +437,24 @@ def list_adapters(model: nn.Module) -> list[dict]:
     """
     rows = []
     for name, config in adapter_configs(model).items():
-        tables = "lora_A|lora_B|lora_E|lora_magnitude_vector|qr_lambda|modules_to_save"
-        owned = re.compile(rf"(^|\.)({tables})\.{re.escape(name)}(\.|$)")
-        params = [p for path, p in model.named_parameters() if owned.search(path)]
-        layers = [(path, layer) for path, layer in adapter_layers(model) if name in _held(layer)]
-        method = {AdaLoraConfig: "adalora", QRLoraConfig: "qrlora"}.get(type(config))
+        method = method_of(config)
+        layers = [(path, layer) for path, layer in adapter_layers(model) if name in layer.adapter_names()]
+        params = [p for _, layer in layers for p in layer.adapter_parameters(name)]
+        params += [
+            p
+            for _, m in saved_modules(model)
+            if name in m.modules_to_save
+            for p in m.modules_to_save[name].parameters()
+        ]
+        ranks = {layer.adapter_rank(name, layer.kept_components(config, path)) for path, layer in layers}
         use_dora = bool(getattr(config, "use_dora", False))
         rows.append(
             {
                 "name": name,
-                "method": method or ("dora" if use_dora else "lora"),
-                "r": config.init_r if method == "adalora" else config.r,
-                "ranks": sorted({_rank_in_layer(layer, path, name, config) for path, layer in layers}),
-                "lora_alpha": config.alpha if method == "qrlora" else config.lora_alpha,
+                "method": method.name,
+                "r": getattr(config, method.rank_field),
+                "ranks": sorted(ranks),
+                "lora_alpha": getattr(config, method.alpha_field),
                 "target_modules": config.target_modules,
                 "layers": len(layers),
                 "active": any(name in layer.active_adapters for _, layer in layers),
@@ -542,3 +465,28 @@ def list_adapters(model: nn.Module) -> list[dict]:
             }
         )
     return rows
+
+
+__all__ = [
+    "CONFIGS_ATTR",
+    "active_adapters",
+    "adapter_configs",
+    "adapter_layers",
+    "adapter_state_dict",
+    "batch_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
+    "lora_layers",
+    "mark_trainable",
+    "merge",
+    "merge_and_requantize",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "require_lora",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+    "wrap",
+]

@@ -10,65 +10,18 @@ from typing import Any
 import torch
 
 from lorakit.errors import AdapterFileError
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_weights
-
-PREFIX = "base_model.model."
-# Per method: the key suffix that marks one adapted matrix, and how its rank is read from that tensor.
-_LAYER_KEYS = {
-    "ADALORA": (".lora_A", lambda t: int(t.shape[0])),  # [rank, in] (PEFT's AdaLoRA keys have no ".weight")
-    "LORAKIT_QRLORA": (".qr_lambda", lambda t: int(t.numel())),  # [rank]
-}
-_LORA_KEY = (".lora_A.weight", lambda t: int(t.shape[0]))  # [r, in]
-# Frozen tensors stored in the file (QR-LoRA's factors): not trainable parameters.
-_FROZEN_SUFFIXES = (".qr_Q", ".qr_RP")
+from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_weights
+from lorakit.methods import Method, method_for_file
+from lorakit.walk import FILE_PREFIX
 
 
-def _method(config: dict[str, Any]) -> str:
-    peft_type = config.get("peft_type")
-    if peft_type == "ADALORA":
-        return "adalora"
-    if peft_type == "LORAKIT_QRLORA":
-        return "qrlora"
-    return "dora" if config.get("use_dora") else "lora"
-
-
-def _layer_ranks(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, int]:
+def _layer_ranks(method: Method, weights: dict[str, torch.Tensor]) -> dict[str, int]:
     """Module path -> rank of its adapter as stored in the file."""
-    suffix, rank_of = _LAYER_KEYS.get(config.get("peft_type"), _LORA_KEY)
+    suffix, rank_of = method.rank_key
     return {
-        key.removeprefix(PREFIX).removesuffix(suffix): rank_of(tensor)
+        key.removeprefix(FILE_PREFIX).removesuffix(suffix): rank_of(tensor)
         for key, tensor in weights.items()
         if key.endswith(suffix)
-    }
-
-
-def _method_fields(method: str, config: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
-    """The rank and scale fields of ``method``; AdaLoRA's final rank pattern as module path -> kept components."""
-    if method == "adalora":
-        pattern = config.get("rank_pattern") or {}
-        kept = {
-            path: sum(pattern[f"{path}.lora_E"]) if f"{path}.lora_E" in pattern else rank
-            for path, rank in sorted(ranks.items())
-        }
-        init_r = config.get("init_r")
-        return {
-            "r": init_r,
-            "target_r": config.get("target_r"),
-            "lora_alpha": config.get("lora_alpha"),
-            "total_rank": f"{sum(kept.values())} of {init_r * len(kept) if init_r else '?'} components kept",
-            "rank_pattern": kept,
-        }
-    if method == "qrlora":
-        rule = (
-            f"fixed r={config['r']}"
-            if config.get("r")
-            else f"tau={config.get('tau')}, max_r={config.get('max_r')}"
-        )
-        return {"r": config.get("r"), "rank_rule": rule, "alpha": config.get("alpha")}
-    return {
-        "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"),
-        "use_rslora": config.get("use_rslora", False),
     }
 
 
@@ -91,18 +44,20 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path / CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
     weights = read_adapter_weights(path)
-    method = _method(config)
-    ranks = _layer_ranks(config, weights)
+    method = method_for_file(config, str(path / CONFIG_NAME))
+    ranks = _layer_ranks(method, weights)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in weights.values()})
     parameters = sum(t.numel() for t in weights.values())
-    frozen = sum(t.numel() for k, t in weights.items() if k.endswith(_FROZEN_SUFFIXES))
+    frozen = sum(
+        t.numel() for k, t in weights.items() if method.frozen_keys and k.endswith(method.frozen_keys)
+    )
     info: dict[str, Any] = {
         "path": str(path),
         "kind": "checkpoint" if (path / "trainer_state.json").is_file() else "adapter",
-        "method": method,
+        "method": method.name,
         "peft_type": config.get("peft_type"),
         "task_type": config.get("task_type"),
-        **_method_fields(method, config, ranks),
+        **(method.describe(config, ranks) if method.describe else {}),
         "ranks_in_file": sorted(set(ranks.values())),
         "target_modules": config.get("target_modules"),
         "wrapped_layers": len(ranks),

@@ -1,74 +1,54 @@
-"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Adapter files, for every method: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` with the adapter name stripped, so
-PEFT, vLLM and TGI load what lorakit writes, and lorakit loads what PEFT writes. Files are written
-atomically (temporary file, then rename), and only safetensors is read: nothing is ever unpickled.
+LoRA and DoRA adapters are written in PEFT's format, tensor keys ``base_model.model.<module path>.lora_A.weight``
+with the adapter name stripped, so PEFT, vLLM and TGI load what lorakit writes, and lorakit loads what PEFT
+writes; AdaLoRA in PEFT's AdaLoRA format (trimmed to its rank pattern); QR-LoRA in lorakit's
+(``peft_type: LORAKIT_QRLORA``, its frozen factors stored so loading runs no QR). Which method a directory holds
+is its ``peft_type``, looked up in :data:`lorakit.methods.METHODS`. Files are written atomically (temporary file,
+then rename), and only safetensors is read: nothing is ever unpickled (:mod:`lorakit.files`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
-from lorakit.inject import adapter_configs, adapter_state_dict, mark_trainable, set_adapter, wrap
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-INT8_WEIGHTS_NAME = "adapter_model.int8.safetensors"  # lorakit's int8 adapters (lorakit.compress)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from lorakit.errors import AdapterMismatchError, ConfigError
+from lorakit.files import (
+    CONFIG_NAME,
+    INT8_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    read_adapter_weights,
+    read_config_json,
+    weights_file,
+    write_adapter_dir,
+)
+from lorakit.inject import delete_adapter, mark_trainable, set_adapter, wrap
+from lorakit.methods import method_for_file, method_of
+from lorakit.walk import adapter_configs, adapter_state_dict, layer_file_tensors
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Save one adapter in PEFT's format into directory ``path``.
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trim: bool = True
+) -> Path:
+    """Save one adapter in its method's format into directory ``path``.
 
     Args:
         model (nn.Module): A model wrapped with :func:`lorakit.wrap`.
         path (str | PathLike): Output directory (created if missing).
         adapter_name (str): Which adapter to save. Default ``"default"``.
+        trim (bool): AdaLoRA: drop the components its rank pattern prunes, as PEFT does. ``False`` keeps every
+            component (training checkpoints, which :func:`load_adapter` reads back exactly). Default True.
 
     Returns:
         Path: The directory written.
-
-    An AdaLoRA adapter is written in PEFT's AdaLoRA format (trimmed to its rank pattern), a QR-LoRA adapter
-    in lorakit's (:mod:`lorakit.variants`).
 
     Raises:
         ConfigError: The model has no adapter of that name.
@@ -76,74 +56,31 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ConfigError(f"no adapter named {adapter_name!r} to save; present: {sorted(configs)}")
-    if not isinstance(configs[adapter_name], LoraConfig):
-        from lorakit.variants_io import save_variant  # variants_io builds on this module: import it here
-
-        return save_variant(model, path, adapter_name)
-    path = Path(path)
-    tensors = {
-        key: tensor.detach().to("cpu").contiguous().clone()
-        for key, tensor in adapter_state_dict(model, adapter_name).items()
-    }
-    atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = configs[adapter_name].to_peft_dict()
-    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return path
+    config = configs[adapter_name]
+    tensors = adapter_state_dict(model, adapter_name, trim=trim)
+    return write_adapter_dir(path, tensors, method_of(config).to_file(config))
 
 
-def read_config_json(path: str | os.PathLike) -> dict:
-    """The raw ``adapter_config.json`` of an adapter directory (any method).
-
-    Raises:
-        AdapterFileError: Missing, not JSON, or not an object.
-    """
-    config_path = Path(path) / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterFileError(
-            f"{config_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
-    """Read ``adapter_config.json`` from a LoRA adapter directory (lorakit's or PEFT's).
+def read_config(path: str | os.PathLike) -> Any:
+    """Read ``adapter_config.json`` from an adapter directory (lorakit's or PEFT's) into its method's config.
 
     Raises:
         AdapterFileError: The file is missing or is not valid JSON.
         ConfigError: The config describes something lorakit cannot load.
     """
-    return LoraConfig.from_peft_dict(read_config_json(path), source=str(Path(path) / CONFIG_NAME))
+    source = str(Path(path) / CONFIG_NAME)
+    data = read_config_json(path)
+    return method_for_file(data, source).from_file(data, source=source)
 
 
-def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` (never a pickled ``.bin``), or else lorakit's int8
-    ``adapter_model.int8.safetensors`` dequantized to fp32 (:mod:`lorakit.compress`).
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """Read ``adapter_config.json`` from a LoRA (or DoRA) adapter directory, lorakit's or PEFT's.
 
     Raises:
-        AdapterFileError: Missing, or not a readable safetensors file.
+        AdapterFileError: The file is missing or is not valid JSON.
+        ConfigError: The config describes something other than a LoRA adapter, or a field is invalid.
     """
-    weights_path = Path(path) / WEIGHTS_NAME
-    if not weights_path.is_file() and (Path(path) / INT8_WEIGHTS_NAME).is_file():
-        from lorakit.compress import read_int8_weights  # compress builds on this module: import it here
-
-        return read_int8_weights(path)
-    if not weights_path.is_file():
-        hint = (
-            " (a pickled adapter_model.bin is never loaded: convert it to safetensors)"
-            if (Path(path) / "adapter_model.bin").exists()
-            else ""
-        )
-        raise AdapterFileError(f"{weights_path} not found{hint}")
-    try:
-        return load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
+    return LoraConfig.from_peft_dict(read_config_json(path), source=str(Path(path) / CONFIG_NAME))
 
 
 def load_adapter(
@@ -158,7 +95,7 @@ def load_adapter(
     Args:
         model (nn.Module): The base model (wrapped or not). Must have the architecture the adapter was
             trained on.
-        path (str | PathLike): Adapter directory.
+        path (str | PathLike): Adapter directory (any method; fp32 or lorakit's int8 weights).
         adapter_name (str): Name to give the adapter on this model. Default ``"default"``.
         is_trainable (bool): Leave its weights trainable (to continue training). Default False.
         activate (bool): Make it the active adapter. Default True. With False the active adapters stay as they
@@ -167,29 +104,28 @@ def load_adapter(
     Returns:
         nn.Module: The same ``model``.
 
-    AdaLoRA (``peft_type: ADALORA``, lorakit's or PEFT's) and QR-LoRA (``LORAKIT_QRLORA``) directories are
-    loaded by :mod:`lorakit.variants_io`.
-
     Raises:
         AdapterFileError: Missing or corrupt files.
+        ConfigError: A ``peft_type`` or field lorakit does not read.
         AdapterMismatchError: The adapter's module paths or shapes do not fit the model (first mismatch).
     """
-    from lorakit.variants_io import LOADERS  # variants_io builds on this module: import it here
-
-    loader = LOADERS.get(read_config_json(path).get("peft_type"))
-    if loader is not None:
-        return loader(model, path, adapter_name, is_trainable=is_trainable, activate=activate)
-    config = read_adapter_config(path)
+    config = read_config(path)
     weights = read_adapter_weights(path)
+    layer = method_of(config).layer
+    source = weights_file(path)
     had = set(adapter_configs(model))
-    # strict=False: configs in the wild list names for several architectures; the key check below is exact.
-    wrap(model, config, adapter_name=adapter_name, strict=False)
-    try:
-        name = WEIGHTS_NAME if (Path(path) / WEIGHTS_NAME).is_file() else INT8_WEIGHTS_NAME
-        _copy_weights(model, adapter_name, weights, Path(path) / name)
-    except AdapterMismatchError:
-        from lorakit.inject import delete_adapter
 
+    def init(module_path: str, base: nn.Module):
+        return layer.file_init(module_path, base, layer_file_tensors(weights, module_path))
+
+    try:
+        # strict=False: configs in the wild list names for several architectures; the key check below is exact.
+        wrap(model, config, adapter_name=adapter_name, strict=False, init=init)
+    except AdapterMismatchError as err:
+        raise AdapterMismatchError(f"{source}: {err}") from None
+    try:
+        copy_weights(adapter_state_dict(model, adapter_name, trim=False), weights, source)
+    except AdapterMismatchError:
         if adapter_name not in had:
             delete_adapter(model, adapter_name)
         raise
@@ -201,10 +137,12 @@ def load_adapter(
     return model
 
 
-def _copy_weights(
-    model: nn.Module, adapter_name: str, weights: dict[str, torch.Tensor], source: Path
-) -> None:
-    expected = adapter_state_dict(model, adapter_name)
+def copy_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy file tensors into the model's (both under file keys), refusing unknown, missing or mis-shaped keys.
+
+    Raises:
+        AdapterMismatchError: The first mismatch, with the file and the key.
+    """
     for key in sorted(weights):
         if key not in expected:
             raise AdapterMismatchError(
@@ -221,3 +159,19 @@ def _copy_weights(
             )
         with torch.no_grad():
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "INT8_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "atomic_save_safetensors",
+    "atomic_write_bytes",
+    "copy_weights",
+    "load_adapter",
+    "read_adapter_config",
+    "read_adapter_weights",
+    "read_config",
+    "read_config_json",
+    "save_adapter",
+]

@@ -23,7 +23,10 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
 from lorakit.hardware import DTYPE_NAMES, resolve_dtype
+from lorakit.quant import QUANT_TYPES, Linear4bit
+from lorakit.quantize import quantizable_paths
 from lorakit.targets import head_module_path, in_head
+from lorakit.walk import set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -96,23 +99,6 @@ def stream_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Ten
             yield name, tensor.view(dtype).reshape(info["shape"])
 
 
-def _quantizable(model: nn.Module, keep: set[str]) -> set[str]:
-    """Paths of the Linear / Conv1D layers to store in 4 bits: all but the output head and ``keep``."""
-    head = head_module_path(model)
-    paths = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and not in_head(name, head):
-            leaf = name.rsplit(".", 1)[-1]
-            if name not in keep and leaf not in keep and not any(name.startswith(k + ".") for k in keep):
-                paths.add(name)
-    return paths
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_path, _, name = key.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
@@ -177,7 +163,7 @@ def load_model(
         QuantizationError: A weight has NaN/Inf or cannot be quantized (names the tensor).
         ConfigError: An unknown ``quantize`` value or missing weights for the model's parameters.
     """
-    if quantize not in (None, "nf4", "fp4"):
+    if quantize is not None and quantize not in QUANT_TYPES:
         raise ConfigError(f"quantize: expected 'nf4', 'fp4' or None, got {quantize!r}")
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -192,47 +178,65 @@ def load_model(
             model = cls.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         else:
             model = cls._from_config(config, dtype=compute_dtype)
-    targets = _quantizable(model, set(keep_modules or [])) if quantize else set()
-    expected = set(model.state_dict().keys())
-    prefix = f"{model.base_model_prefix}."
-    pending_bias: dict[str, torch.Tensor] = {}
-    loaded = set()
+    targets = quantizable_paths(model, set(keep_modules or [])) if quantize else set()
+    settings = (quantize, double_quant, compute_dtype, blocksize, device)
+    pending_bias: dict[str, torch.Tensor] = {}  # biases that arrived before their weight (any shard)
     for file in files:
-        for name, tensor in stream_safetensors(file):
-            key = name if name in expected else prefix + name if prefix + name in expected else None
-            if key is None:
-                continue  # checkpoint extras (e.g. old rotary buffers) that the model does not use
-            module_path, _, leaf = key.rpartition(".")
-            if module_path in targets:
-                if leaf == "weight":
-                    _quantize_into(model, module_path, tensor, pending_bias.pop(module_path, None), quantize,
-                                   double_quant, compute_dtype, blocksize, device, key)  # fmt: skip
-                elif model.get_submodule(module_path).bias.is_meta:  # the weight has not arrived yet
-                    pending_bias[module_path] = tensor.to(device=device, dtype=compute_dtype)
-                else:  # the weight came first (zero bias placeholder): overwrite it
-                    model.get_submodule(module_path).bias.data.copy_(tensor)
-            else:
-                dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
-                _set_tensor(
-                    model, key, tensor.to(device=device, dtype=dtype)
-                )  # shares the read buffer: no copy
-            loaded.add(key)
+        _stream_into(model, file, targets, settings, pending_bias)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
+    _check_complete(model, model_class is not None, device, path)
+    _materialize_non_persistent_buffers(model, device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _stream_into(
+    model: nn.Module, file: Path, targets: set[str], settings: tuple, pending_bias: dict[str, torch.Tensor]
+) -> None:
+    """Read one safetensors file into the meta-device ``model``, quantizing the weights of ``targets`` as they come.
+
+    ``settings``: ``(quant_type, double_quant, compute_dtype, blocksize, device)``; ``pending_bias``: biases of
+    ``targets`` read before their weight, kept across the files of a sharded checkpoint.
+    """
+    quantize, double_quant, compute_dtype, blocksize, device = settings
+    expected = set(model.state_dict().keys())
+    prefix = f"{model.base_model_prefix}."
+    for name, tensor in stream_safetensors(file):
+        key = name if name in expected else prefix + name if prefix + name in expected else None
+        if key is None:
+            continue  # checkpoint extras (e.g. old rotary buffers) that the model does not use
+        module_path, _, leaf = key.rpartition(".")
+        if module_path in targets:
+            if leaf == "weight":
+                _quantize_into(model, module_path, tensor, pending_bias.pop(module_path, None), quantize,
+                               double_quant, compute_dtype, blocksize, device, key)  # fmt: skip
+            elif model.get_submodule(module_path).bias.is_meta:  # the weight has not arrived yet
+                pending_bias[module_path] = tensor.to(device=device, dtype=compute_dtype)
+            else:  # the weight came first (zero bias placeholder): overwrite it
+                model.get_submodule(module_path).bias.data.copy_(tensor)
+        else:
+            dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
+            _set_tensor(model, key, tensor.to(device=device, dtype=dtype))  # shares the read buffer: no copy
+
+
+def _check_complete(model: nn.Module, task_class: bool, device: torch.device, path: Path) -> None:
+    """Every parameter and persistent buffer was loaded; a task class's new head is initialized instead.
+
+    Raises:
+        ConfigError: The checkpoint has no tensor for a parameter (names the first).
+    """
     persistent = dict(model.named_parameters())
     persistent.update((k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in persistent)
     missing = sorted(k for k, v in persistent.items() if v.is_meta)
     head = head_module_path(model)
-    if missing and model_class is not None and all(in_head(k.rpartition(".")[0], head) for k in missing):
+    if missing and task_class and all(in_head(k.rpartition(".")[0], head) for k in missing):
         _init_fresh_head(model, head, missing, device, path)
         missing = []
     if missing:
         raise ConfigError(
             f"{path}: the checkpoint has no tensor for {missing[0]!r} ({len(missing)} missing in all)"
         )
-    _materialize_non_persistent_buffers(model, device)
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def _init_fresh_head(
@@ -262,8 +266,6 @@ def _quantize_into(
     device: torch.device,
     key: str,
 ) -> None:
-    from lorakit.quant import Linear4bit
-
     meta = model.get_submodule(module_path)
     if not weight.is_floating_point():
         raise QuantizationError(f"{key}: cannot quantize a {weight.dtype} tensor to 4 bits")
@@ -291,7 +293,7 @@ def _quantize_into(
         )
     except QuantizationError as err:
         raise QuantizationError(f"{key}: {err}") from None
-    _set_module(model, module_path, quantized)
+    set_submodule(model, module_path, quantized)
 
 
 def _is_norm(module: nn.Module) -> bool:

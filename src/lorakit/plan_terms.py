@@ -12,17 +12,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lorakit.errors import ConfigError
+from lorakit.hardware import DTYPE_NAMES
+from lorakit.optim import OPTIMIZERS
+from lorakit.optim.adamw8bit import BLOCKSIZE as OPTIM_BLOCKSIZE
 from lorakit.optim.adamw8bit import CHUNK_ELEMENTS as OPTIM_CHUNK  # AdamW8bit's update chunks: CUDA, CPU
 from lorakit.optim.adamw8bit import CPU_CHUNK_ELEMENTS as OPTIM_CHUNK_CPU
+from lorakit.optim.adamw8bit import MIN_8BIT_SIZE  # smaller tensors keep fp32 moments (as bitsandbytes)
+from lorakit.optim.paged import MIN_PAGED_SIZE  # smaller states stay on the GPU
 from lorakit.presets import ModelShape
+from lorakit.quant.nf4 import NESTED_BLOCKSIZE
 
 if TYPE_CHECKING:
     from lorakit.plan import PlanConfig
 
 METHODS = ("full", "lora", "qlora")
-OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 DEVICES = ("cuda", "cpu")
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPE_NAMES.items()}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS: dict[str, tuple[str, ...]] = {
     "all": PROJECTIONS,
@@ -35,10 +41,6 @@ TARGETS: dict[str, tuple[str, ...]] = {
 # buffers, the autograd engine, allocator arenas): measured by benchmarks/plan_validation.py on a model too small
 # to matter (docs/plan.md). On CUDA: the context, which torch.cuda.max_memory_allocated does not include.
 RUNTIME_BYTES = {"cpu": 440_000_000, "cuda": 500_000_000}
-MIN_8BIT_SIZE = 4096  # lorakit.optim.adamw8bit: smaller tensors keep fp32 moments (as bitsandbytes)
-OPTIM_BLOCKSIZE = 256
-MIN_PAGED_SIZE = 100_000  # lorakit.optim.paged: smaller states stay on the GPU
-NESTED_BLOCKSIZE = 256
 LOGIT_BYTES_BACKWARD = 12  # fp32 log-softmax + its gradient + the gradient of the logits, per logit
 
 

@@ -1,9 +1,12 @@
-"""The loss curve (train and eval) as a PNG, from ``metrics.jsonl``."""
+"""Training metrics: the ``metrics.jsonl`` log (and TensorBoard, when asked), and the loss curve as a PNG."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
 
 
 def plot_metrics(metrics: Path, png: Path) -> Path | None:
@@ -41,3 +44,39 @@ def plot_metrics(metrics: Path, png: Path) -> Path | None:
     plt.close(figure)
     tmp.replace(png)
     return png
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the output directory (one JSON line per train step or evaluation), and TensorBoard
+    (``out/tensorboard``) when asked."""
+
+    def __init__(self, out: Path, tensorboard: bool) -> None:
+        self.file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed by close()
+        self.board = _tensorboard(out) if tensorboard else None
+
+    def write(
+        self, line: dict[str, Any], kind: str, keys: tuple[str, ...], board: dict | None = None
+    ) -> None:
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key in keys:
+                self.board.add_scalar(f"{kind}/{key}", line[key], line["step"])
+            for key, value in (board or {}).items():
+                self.board.add_scalar(key, value, line["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer logging into ``out/tensorboard``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard (or set it to false)"
+        ) from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))

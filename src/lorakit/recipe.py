@@ -16,22 +16,24 @@ from typing import Any
 
 import yaml
 
-from lorakit.adapters.adalora import AdaLoraConfig
-from lorakit.adapters.qrlora import QRLoraConfig
-from lorakit.config import LoraConfig, is_pissa_init
+from lorakit.adapter_section import AdapterSection
 from lorakit.data import DataConfig
 from lorakit.errors import ConfigError
 from lorakit.hardware import DTYPE_CHOICES, PRECISIONS, resolve_dtype, resolve_precision
+from lorakit.methods import METHODS as METHOD_TABLE
+from lorakit.optim import OPTIMIZERS as OPTIMIZER_TABLE
+from lorakit.quant import QUANT_TYPES
 
 PACKAGE_DIR = Path(__file__).parent
 QUICKSTART_DIR = PACKAGE_DIR / "quickstart"
 BUNDLED_PREFIX = "@quickstart/"  # paths starting with this resolve inside the installed package
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = PACKAGE_DIR / "recipes"  # the shipped recipes (package data): `lorakit train qlora_alpaca`
 
-METHODS = ("lora", "dora", "adalora", "qrlora")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+# The lists a recipe validates against, each defined once elsewhere.
+METHODS = tuple(METHOD_TABLE)
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 SCHEDULERS = ("cosine", "linear", "constant")
-QUANTIZE = (None, "nf4", "fp4")
+QUANTIZE = (None, *QUANT_TYPES)
 DTYPES = DTYPE_CHOICES  # "auto" and the dtype names (lorakit.hardware)
 
 
@@ -89,155 +91,6 @@ class ModelSection:
         for name in ("double_quant", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail("model", name, "true or false", getattr(self, name))
-
-
-# Fields of one variant only (None: not set, the method's default applies). Setting one for another method is an
-# error, as is changing a LoRA field the chosen method does not read: either would be silently ignored.
-_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
-_QRLORA_FIELDS = ("tau", "max_r", "qr_alpha")
-_IGNORED_BY = {
-    "adalora": ("use_rslora", "rank_pattern", "alpha_pattern", "stack_on"),
-    "qrlora": (
-        "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern", "stack_on",
-    ),
-}  # fmt: skip
-_IGNORED_HINT = {"lora_alpha": " (QR-LoRA's scale is adapter.qr_alpha)"}
-
-
-def _section_message(message: str) -> str:
-    """Name the recipe's ``adapter.<field>`` in a config class's error message."""
-    message = message.replace("QRLoraConfig.alpha ", "adapter.qr_alpha ")
-    for owner in ("AdaLoraConfig", "QRLoraConfig", "LoraConfig"):  # AdaLoraConfig contains "LoraConfig"
-        message = message.replace(f"{owner}.", "adapter.").replace(f"{owner}:", "adapter:")
-    return message
-
-
-@dataclass
-class AdapterSection:
-    """The adapter: a method plus :class:`~lorakit.LoraConfig`'s fields (same names and meanings).
-
-    Args:
-        method (str): ``"lora"`` (default), ``"dora"``, ``"adalora"`` or ``"qrlora"``.
-        stack_on (list[str]): Adapter directories loaded frozen under the new one (continual learning).
-        init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight: AdaLoRA only
-            (:class:`~lorakit.adapters.adalora.AdaLoraConfig`, PEFT's names). Unset (null) means PEFT's
-            default: ``init_r`` = ``r``, ``target_r`` 8, ``tinit`` 0, ``tfinal`` 0, ``deltaT`` 1, ``beta1`` and
-            ``beta2`` 0.85, ``orth_reg_weight`` 0.5. ``total_step`` is the run's number of optimizer steps.
-            ``r``, ``lora_alpha``, ``lora_dropout``, ``init_lora_weights`` (true/false) and the target fields
-            apply too.
-        tau, max_r, qr_alpha: QR-LoRA only (:class:`~lorakit.adapters.qrlora.QRLoraConfig`). Without ``tau``
-            every target keeps a fixed ``r`` components; with ``tau`` (in (0, 1]) the smallest rank whose
-            diagonal energy reaches it, capped by ``max_r`` (default 16). ``qr_alpha`` scales the update
-            (default 1). ``lora_alpha`` and ``lora_dropout`` do not apply.
-        Other fields: see :class:`~lorakit.LoraConfig`.
-
-    Raises:
-        ConfigError: An invalid field, or a field the chosen method does not read (``adapter.<field>``).
-    """
-
-    method: str = "lora"
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str | None = "all"
-    exclude_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    init_lora_weights: bool | str = True
-    modules_to_save: list[str] | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    layers_to_transform: list[int] | int | None = None
-    stack_on: list[str] = field(default_factory=list)
-    init_r: int | None = None
-    target_r: int | None = None
-    tinit: int | None = None
-    tfinal: int | None = None
-    deltaT: int | None = None  # PEFT's name
-    beta1: float | None = None
-    beta2: float | None = None
-    orth_reg_weight: float | None = None
-    tau: float | None = None
-    max_r: int | None = None
-    qr_alpha: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise _fail("adapter", "method", f"one of {', '.join(METHODS)}", self.method)
-        self._check_fields_apply()
-        if is_pissa_init(self.init_lora_weights) and self.stack_on:
-            # PiSSA replaces the base weights by residuals; adapters trained on the original weights would not fit.
-            raise _fail(
-                "adapter", "init_lora_weights", "no PiSSA init together with stack_on", self.init_lora_weights
-            )
-        try:
-            self.lora_config()  # the fields every method shares (r, targets ...)
-            self.adapter_config()
-        except ConfigError as err:
-            raise ConfigError(_section_message(str(err))) from None
-
-    def _check_fields_apply(self) -> None:
-        def default(name: str) -> Any:
-            spec = self.__dataclass_fields__[name]
-            return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
-
-        for method, names in (("adalora", _ADALORA_FIELDS), ("qrlora", _QRLORA_FIELDS)):
-            for name in names:
-                if self.method != method and getattr(self, name) is not None:
-                    raise ConfigError(
-                        f"adapter.{name}={getattr(self, name)!r} applies to method {method} only, but "
-                        f"adapter.method is {self.method}; remove it or set adapter.method={method}"
-                    )
-        for name in _IGNORED_BY.get(self.method, ()):
-            if getattr(self, name) != default(name):
-                raise ConfigError(
-                    f"adapter.{name}={getattr(self, name)!r} does not apply to method {self.method} and would be "
-                    f"ignored; remove it{_IGNORED_HINT.get(name, '') if self.method == 'qrlora' else ''}"
-                )
-        if self.method == "adalora" and self.init_r is not None and self.r not in (self.init_r, default("r")):
-            raise ConfigError(
-                f"adapter.r={self.r} and adapter.init_r={self.init_r} disagree: for AdaLoRA r is the initial rank; "
-                "set only one of them"
-            )
-        if self.method == "qrlora" and self.tau is not None and self.r != default("r"):
-            raise ConfigError(
-                f"adapter.r={self.r} (a fixed QR-LoRA rank) and adapter.tau={self.tau} (the rank chosen by "
-                "energy) exclude each other; remove one (adapter.max_r caps the energy-chosen rank)"
-            )
-        if self.method == "qrlora" and self.max_r is not None and self.tau is None:
-            raise ConfigError(
-                f"adapter.max_r={self.max_r} caps the rank chosen by the energy threshold adapter.tau, which is "
-                "not set; set adapter.tau too, or use adapter.r for a fixed rank"
-            )
-
-    def adapter_config(self) -> LoraConfig | AdaLoraConfig | QRLoraConfig:
-        """The config object of ``method``: :class:`~lorakit.LoraConfig` (``lora``, ``dora``),
-        :class:`~lorakit.adapters.adalora.AdaLoraConfig` (``total_step`` left for the training loop) or
-        :class:`~lorakit.adapters.qrlora.QRLoraConfig`."""
-        targets = {
-            "target_modules": self.target_modules, "exclude_modules": self.exclude_modules,
-            "modules_to_save": self.modules_to_save, "layers_to_transform": self.layers_to_transform,
-        }  # fmt: skip
-        if self.method == "adalora":
-            given = {name: getattr(self, name) for name in _ADALORA_FIELDS if getattr(self, name) is not None}
-            given.setdefault("init_r", self.r)
-            return AdaLoraConfig(
-                **given, **targets, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                init_lora_weights=self.init_lora_weights,
-            )  # fmt: skip
-        if self.method == "qrlora":
-            given = {"max_r": self.max_r} if self.max_r is not None else {}
-            if self.qr_alpha is not None:
-                given["alpha"] = self.qr_alpha
-            if self.tau is None:
-                return QRLoraConfig(r=self.r, **given, **targets)
-            return QRLoraConfig(r=None, tau=self.tau, **given, **targets)
-        return self.lora_config()
-
-    def lora_config(self) -> LoraConfig:
-        """The :class:`~lorakit.LoraConfig` this section describes."""
-        names = {f.name for f in dataclasses.fields(LoraConfig)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
-        return LoraConfig(**values, use_dora=self.method == "dora")
 
 
 @dataclass
@@ -468,7 +321,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: output_dir: expected a directory path, got {output_dir!r}")
     if not isinstance(overwrite, bool):
         raise ConfigError(f"{source}: overwrite: expected true or false, got {overwrite!r}")
-    if sections["train"].loraplus_ratio is not None and sections["adapter"].method not in ("lora", "dora"):
+    if (
+        sections["train"].loraplus_ratio is not None
+        and not METHOD_TABLE[sections["adapter"].method].lora_factors
+    ):
         raise ConfigError(
             f"{source}: train.loraplus_ratio sets LoRA+'s learning rate for LoRA's B matrices, which "
             f"adapter.method={sections['adapter'].method} does not have: use method lora or dora, or "

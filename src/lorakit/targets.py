@@ -7,16 +7,26 @@ same modules as the first.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.base import AdapterLinear
-from lorakit.adapters.lora import LoraLinear, is_quantized
+from lorakit.adapters.base import AdapterLinear, base_layer_shape, is_quantized
 from lorakit.config import ALL_LINEAR, TARGET_PRESETS, LoraConfig
 from lorakit.errors import TargetModuleError
+from lorakit.methods import method_of
 
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+# The parts of an adapter wrapper: its base layer, the adapters' own modules, modules_to_save copies.
+_WRAPPER_PART = re.compile(
+    r"\.(base_layer|lora_[A-Za-z_]+|qr_[A-Za-z_]+|modules_to_save|original_module)(\.|$)"
+)
+
+
+def wrapper_parts(path: str) -> bool:
+    """Whether module ``path`` lies inside an adapter wrapper (a base layer, adapter weights, a saved copy)."""
+    return _WRAPPER_PART.search(path) is not None
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -27,11 +37,9 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear-like modules by path, seen through existing wrappers (paths as in the unwrapped model)."""
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLinear, AdapterLinear)):
+        if isinstance(module, AdapterLinear):
             found[name] = module.base_layer
-        elif _is_linear_like(module) and not any(
-            part in name for part in (".base_layer", ".lora_", ".modules_to_save.", ".original_module")
-        ):
+        elif _is_linear_like(module) and not wrapper_parts(name):
             found[name] = module
     return found
 
@@ -149,3 +157,16 @@ def resolve_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -
             f"its linear modules are: {_linear_names_hint(candidates)}"
         )
     return paths
+
+
+def count_parameters(model: nn.Module, config: Any) -> int:
+    """Trainable parameters an adapter of ``config`` (any method) would have on ``model``, from shapes alone.
+
+    Needs only module shapes, so it works on a model built on the meta device (where, e.g., no QR can run).
+
+    Raises:
+        ConfigError: The count needs the weights (a QR-LoRA rank chosen by energy).
+    """
+    layer, modules = method_of(config).layer, _base_modules(model)
+    paths = resolve_targets(model, config, strict=True)
+    return sum(layer.parameter_count(config, path, *base_layer_shape(modules[path])) for path in paths)

@@ -7,6 +7,7 @@ checkpoints -> adapter files + tokenizer + resolved recipe + metrics + loss curv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -21,24 +22,23 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
-from lorakit.adapters.pissa import initial_state, quantize_model, save_as_lora
-from lorakit.adapters.rank_allocator import AdaLoraController
 from lorakit.arithmetic import stack_adapters
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from lorakit.config import is_pissa_init
 from lorakit.data import DataError, load_dataset, make_collator
-from lorakit.data.formats import read_rows
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.evaluate import evaluate_loss, exact_match_report
+from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
+from lorakit.files import write_adapter_dir
 from lorakit.hardware import DTYPE_NAMES, bf16_report
+from lorakit.inject import wrap
 from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
 from lorakit.loading import load_model
 from lorakit.loss import causal_lm_loss_sum
+from lorakit.methods import TrainingHooks, method_of
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
-from lorakit.plot import plot_metrics
-from lorakit.recipe import Recipe
-from lorakit.variants import wrap_adapter
+from lorakit.plot import MetricsLog, plot_metrics
+from lorakit.quantize import quantize_model
+from lorakit.recipe import Recipe, TrainSection
 
 RECIPE_NAME = "recipe.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -189,6 +189,49 @@ def accumulate_gradients(
     return loss_total
 
 
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint's ``trainer_state.json`` keeps besides the optimizer and RNG states.
+
+    Attributes:
+        step (int): Optimizer steps done.
+        micro_index (int): Micro-batches consumed since the start (epoch and position follow from it).
+        history (list[dict]): Every metrics line so far (train steps and evaluations).
+        best_eval (float | None): The lowest evaluation loss so far.
+        bad_evals (int): Evaluations since the last improvement (early stopping).
+        scheduler (dict | None): The learning-rate schedule's state, set when a checkpoint is written.
+    """
+
+    step: int = 0
+    micro_index: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_eval: float | None = None
+    bad_evals: int = 0
+    scheduler: dict[str, Any] | None = None
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> TrainState:
+        """The state in a checkpoint's trainer state (its other keys are the optimizer's, RNG's, hooks')."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclass
+class _Run:
+    """The objects one run trains with, built once by :func:`_setup`."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    hooks: TrainingHooks
+    train_set: Any
+    val_set: Any
+    collator: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    total_steps: int
+
+
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
     """Run a recipe to the end (or resume one) and write everything into ``recipe.output_dir``.
 
@@ -206,208 +249,232 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         ConfigError / DataError: Invalid recipe or data.
     """
     started = time.perf_counter()
-    device = _device()
-    resolved = recipe.with_precision_resolved(device.type)  # "auto" -> what this hardware runs fast
+    resolved = recipe.with_precision_resolved(_device().type)  # "auto" -> what this hardware runs fast
     print(precision_header(recipe, resolved))
-    recipe, train_cfg = resolved, resolved.train
-    if train_cfg.precision == "fp16" and device.type != "cuda":
+    recipe, cfg = resolved, resolved.train
+    out = _start(recipe, resume)
+    run = _setup(recipe, out)
+    checkpoints = out / "checkpoints"
+    state = _resume(run, checkpoints, resume) if resume else TrainState()
+    result = TrainResult(output_dir=out, steps=run.total_steps, final_train_loss=None)
+    rows = report_rows(recipe.data.val_path, cfg.eval_generate) if cfg.eval_generate else []  # exact match
+    if rows and not resume:
+        result.before = exact_match_report(run.model, run.tokenizer, rows, cfg.max_new_tokens)
+        if run.val_set is not None:
+            result.before["eval_loss"] = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
+    log = MetricsLog(out, cfg.tensorboard)
+    bar = tqdm(
+        total=run.total_steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True
+    )
+    tokens_seen, window_start = 0, time.perf_counter()
+    try:
+        run.model.train()
+        while state.step < run.total_steps:
+            micro, per_epoch = _next_micro_batches(state, run, cfg)
+            loss, grad_norm = _optimizer_step(run, micro, cfg, state.step + 1, checkpoints)
+            state.step += 1
+            result.final_train_loss = loss
+            tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+            speed = tokens_seen / max(1e-9, time.perf_counter() - window_start)
+            line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
+                    "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(speed, 1),
+                    **run.hooks.metrics()}  # fmt: skip
+            state.history.append(line)
+            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+                log.write(line, "train", ("loss", "lr", "grad_norm", "tokens_per_s"))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
+            bar.update(1)
+            epoch_end = state.micro_index % per_epoch == 0
+            stop = _eval_due(run, cfg, state.step, epoch_end) and _evaluate(run, state, result, log, out, cfg)
+            every = cfg.save_every and state.step % cfg.save_every == 0
+            if every or epoch_end or state.step == run.total_steps or stop:
+                state.scheduler = run.scheduler.state_dict()
+                save_checkpoint(checkpoints / f"step-{state.step:06d}", run.model, run.optimizer,
+                                dataclasses.asdict(state), hooks=run.hooks)  # fmt: skip
+                prune_checkpoints(checkpoints, cfg.keep_last)
+            if stop:
+                result.stopped_early = True
+                print(f"early stopping at step {state.step}: no improvement in {state.bad_evals} evaluations")
+                break
+    finally:
+        bar.close()
+        log.close()
+    return _finish(run, recipe, out, state, result, rows, started)
+
+
+def _start(recipe: Recipe, resume: str | bool | None) -> Path:
+    """Check the device and the output directory, seed, and set the CPU allocator; returns ``output_dir``."""
+    if recipe.train.precision == "fp16" and _device().type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if device.type == "cpu" and train_cfg.lean_cpu_heap:  # freed tensors go back to the OS, at a cost in time
+    if (
+        _device().type == "cpu" and recipe.train.lean_cpu_heap
+    ):  # freed tensors go back to the OS, at a cost in time
         return_freed_memory_to_os()
     out = _check_output_dir(recipe, bool(resume))
-    seed_everything(train_cfg.seed)
+    seed_everything(recipe.train.seed)
+    return out
 
-    pissa = is_pissa_init(recipe.adapter.init_lora_weights)
-    tokenizer, model = load_base(recipe, quantize=not pissa)  # PiSSA's SVD needs the full-precision weights
+
+def _setup(recipe: Recipe, out: Path) -> _Run:
+    """Base model + adapter (its method's record decides the rest) -> data -> schedule -> hooks -> optimizer."""
+    cfg, config = recipe.train, recipe.adapter.adapter_config()
+    method = method_of(config)
+    float_init = method.float_base_init is not None and method.float_base_init(config)
+    tokenizer, model = load_base(
+        recipe, quantize=not float_init
+    )  # PiSSA's SVD needs the full-precision weights
     stacked = [f"stacked_{i}" for i in range(len(recipe.adapter.stack_on))]
     for name, path in zip(stacked, recipe.adapter.stack_on):
         load_adapter(model, path, adapter_name=name, activate=False)
-    # LoRA / DoRA / PiSSA, AdaLoRA or QR-LoRA, by adapter.method
-    wrap_adapter(model, recipe.adapter.adapter_config(), adapter_name="default")
-    pissa_start = initial_state(model) if pissa else None
-    if pissa and recipe.model.quantize:  # QPiSSA: the residuals (and the other Linears) go to 4 bits now
-        base = recipe.model
-        dtype = DTYPE_NAMES[base.compute_dtype]
-        quantize_model(model, base.quantize, base.blocksize, base.double_quant, dtype)
+    wrap(model, config, adapter_name="default")
     if stacked:  # continual learning: earlier adapters active, frozen, without dropout; the new one trains
         stack_adapters(model, frozen=stacked, trainable="default")
     train_set, val_set, stats = load_dataset(recipe.data, tokenizer)
     if len(train_set) == 0:
         raise DataError(f"{recipe.data.path}: no training samples")
-    collator = make_collator(tokenizer)
     print(f"data: {stats.summary()}")
     # Only now, with model and data loaded, does output_dir hold a run: a start that fails on bad input
     # leaves nothing behind that would block the corrected run.
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())
-
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / train_cfg.batch_size) / train_cfg.grad_accum)
-    total_steps = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
-    warmup = (
-        train_cfg.warmup_steps
-        if train_cfg.warmup_steps is not None
-        else int(train_cfg.warmup_ratio * total_steps)
-    )
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    hooks = method.training(
+        model, "default", total_steps
+    )  # after the init (PiSSA keeps it), before quantizing
+    if float_init and recipe.model.quantize:  # QPiSSA: the residuals (and the other Linears) go to 4 bits now
+        base = recipe.model
+        quantize_model(
+            model, base.quantize, base.blocksize, base.double_quant, DTYPE_NAMES[base.compute_dtype]
+        )
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, total_steps, warmup, train_cfg.scheduler)
+        optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.scheduler)
     )
-    scaler = torch.amp.GradScaler("cuda") if train_cfg.precision == "fp16" else None
-    controller = _adalora_controller(model, recipe, total_steps)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    return _Run(model, tokenizer, hooks, train_set, val_set, make_collator(tokenizer), optimizer, scheduler,
+                scaler, _device(), total_steps)  # fmt: skip
 
-    state: dict[str, Any] = {"step": 0, "micro_index": 0, "history": [], "best_eval": None, "bad_evals": 0}
-    checkpoints = out / "checkpoints"
-    if resume:
-        source = (
-            Path(resume) if isinstance(resume, (str, Path)) else (list_checkpoints(checkpoints) or [None])[-1]
+
+def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
+    """Restore the newest checkpoint (``resume=True``) or the one at path ``resume``."""
+    source = (
+        Path(resume) if isinstance(resume, (str, Path)) else (list_checkpoints(checkpoints) or [None])[-1]
+    )
+    if source is None:
+        raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume")
+    state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
+    run.scheduler.load_state_dict(state.scheduler)
+    print(f"resumed from {source} at step {state.step}")
+    return state
+
+
+def _next_micro_batches(
+    state: TrainState, run: _Run, cfg: TrainSection
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The next optimizer step's micro-batches (``grad_accum``, fewer at an epoch's end), and the micro-batches
+    per epoch. Advances ``state.micro_index``."""
+    per_epoch = math.ceil(len(run.train_set) / cfg.batch_size)
+    epoch, position = divmod(state.micro_index, per_epoch)
+    batches = _micro_batches(len(run.train_set), cfg.batch_size, cfg.seed, epoch)
+    micro = []
+    for _ in range(cfg.grad_accum):
+        if position >= len(batches):
+            break  # the epoch ends inside this step; the next step starts the next epoch
+        micro.append(run.collator([run.train_set[i] for i in batches[position]]))
+        position += 1
+    state.micro_index += len(micro)
+    return micro, per_epoch
+
+
+def _optimizer_step(
+    run: _Run, micro: list[dict[str, torch.Tensor]], cfg: TrainSection, step: int, checkpoints: Path
+) -> tuple[float, float]:
+    """One optimizer step over ``micro`` (loss normalized by their total target tokens); returns loss and grad norm.
+
+    Raises:
+        TrainingError: The loss is NaN or Inf (names the last good checkpoint).
+    """
+    loss = accumulate_gradients(run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler)
+    # A method's regularizer (AdaLoRA's orthogonality term), once per optimizer step: the micro-batch losses above
+    # already sum to the mean token loss of the whole step, so adding it per micro-batch would count it grad_accum
+    # times. Logged apart from the task loss (which eval_loss is comparable to).
+    regularizer = run.hooks.regularizer(run.model)
+    if regularizer is not None:
+        (run.scaler.scale(regularizer) if run.scaler else regularizer).backward()
+    if not math.isfinite(loss):
+        last = list_checkpoints(checkpoints)
+        raise TrainingError(
+            f"the loss became {loss} at step {step}; training stopped"
+            + (f" (the last good checkpoint is {last[-1]})" if last else "")
+            + ". Lower train.lr, check the data, or use precision=fp32"
         )
-        if source is None:
-            raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume")
-        state = load_checkpoint(source, model, optimizer, controller=controller)
-        scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {source} at step {state['step']}")
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.hooks.after_step(run.model, step)  # after the update, before zero_grad (AdaLoRA's rank allocation)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return loss, float(grad_norm)
 
-    result = TrainResult(output_dir=out, steps=total_steps, final_train_loss=None)
-    report_rows = _report_rows(recipe) if train_cfg.eval_generate else []
-    if report_rows and not resume:
-        result.before = exact_match_report(model, tokenizer, report_rows, train_cfg.max_new_tokens)
-        if val_set is not None:
-            result.before["eval_loss"] = evaluate_loss(model, val_set, collator, train_cfg, device)
 
-    metrics_file = open(out / METRICS_NAME, "a")  # noqa: SIM115 - closed in the finally below
-    board = _tensorboard(out) if train_cfg.tensorboard else None
-    bar = tqdm(
-        total=total_steps, initial=state["step"], disable=not progress, desc="train", dynamic_ncols=True
+def _eval_due(run: _Run, cfg: TrainSection, step: int, epoch_end: bool) -> bool:
+    """Evaluate every ``eval_every`` steps (else at each epoch's end) and at the last step, given a val set."""
+    every = cfg.eval_every and step % cfg.eval_every == 0
+    return run.val_set is not None and bool(
+        every or (not cfg.eval_every and epoch_end) or step == run.total_steps
     )
-    tokens_seen, window_start = 0, time.perf_counter()
-    try:
-        model.train()
-        while state["step"] < total_steps:
-            epoch, position = divmod(state["micro_index"], math.ceil(len(train_set) / train_cfg.batch_size))
-            batches = _micro_batches(len(train_set), train_cfg.batch_size, train_cfg.seed, epoch)
-            # One optimizer step: grad_accum micro-batches; the loss is normalized by their total target tokens.
-            micro = []
-            for _ in range(train_cfg.grad_accum):
-                if position >= len(batches):
-                    break  # the epoch ends inside this step; the next step starts the next epoch
-                micro.append(collator([train_set[i] for i in batches[position]]))
-                position += 1
-            state["micro_index"] += len(micro)
-            loss_total = accumulate_gradients(
-                model, micro, device, train_cfg.precision, train_cfg.chunked_loss, scaler
-            )
-            tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
-            if controller is not None:
-                # AdaLoRA's orthogonality regularizer, once per optimizer step: the micro-batch losses above
-                # already sum to the mean token loss of the whole step, so adding it per micro-batch would count
-                # it grad_accum times. Logged apart from the task loss (which eval_loss is comparable to).
-                orth_reg = controller.regularizer(model)
-                (scaler.scale(orth_reg) if scaler else orth_reg).backward()
-                orth_reg_value = orth_reg.item()
-            if not math.isfinite(loss_total):
-                last = list_checkpoints(checkpoints)
-                raise TrainingError(
-                    f"the loss became {loss_total} at step {state['step'] + 1}; training stopped"
-                    + (f" (the last good checkpoint is {last[-1]})" if last else "")
-                    + ". Lower train.lr, check the data, or use precision=fp32"
-                )
-            if scaler:
-                scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm or float("inf"))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if controller is not None:  # PEFT's update_and_allocate: after the update, before zero_grad
-                controller.step(model, state["step"] + 1)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["step"] += 1
-            step = state["step"]
-            result.final_train_loss = loss_total
-            now = time.perf_counter()
-            speed = tokens_seen / max(1e-9, now - window_start)
-            line = {"step": step, "epoch": round(state["micro_index"] / len(batches), 4), "loss": loss_total,
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(speed, 1)}  # fmt: skip
-            if controller is not None:
-                line.update(orth_reg=orth_reg_value, adalora_rank=controller.kept_rank())
-            state["history"].append(line)
-            if step % train_cfg.log_every == 0 or step == total_steps:
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
-                if board is not None:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        board.add_scalar(f"train/{key}", line[key], step)
-            bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
-            bar.update(1)
 
-            epoch_end = state["micro_index"] % len(batches) == 0
-            eval_now = val_set is not None and (
-                (train_cfg.eval_every and step % train_cfg.eval_every == 0)
-                or (not train_cfg.eval_every and epoch_end)
-                or step == total_steps
-            )
-            stop = False
-            if eval_now:
-                eval_loss = evaluate_loss(model, val_set, collator, train_cfg, device)
-                model.train()
-                record = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
-                state["history"].append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if board is not None:
-                    board.add_scalar("eval/loss", eval_loss, step)
-                    board.add_scalar("eval/perplexity", record["eval_ppl"], step)
-                result.eval_loss = eval_loss
-                if state["best_eval"] is None or eval_loss < state["best_eval"]:
-                    state["best_eval"], state["bad_evals"] = eval_loss, 0
-                    save_adapter(model, out / "best")
-                else:
-                    state["bad_evals"] += 1
-                    patience = train_cfg.early_stopping_patience
-                    stop = patience is not None and state["bad_evals"] >= patience
-            if (
-                (train_cfg.save_every and step % train_cfg.save_every == 0)
-                or epoch_end
-                or step == total_steps
-                or stop
-            ):
-                state["scheduler"] = scheduler.state_dict()
-                save_checkpoint(
-                    checkpoints / f"step-{step:06d}", model, optimizer, state, controller=controller
-                )
-                prune_checkpoints(checkpoints, train_cfg.keep_last)
-            if stop:
-                result.stopped_early = True
-                print(f"early stopping at step {step}: no improvement in {state['bad_evals']} evaluations")
-                break
-    finally:
-        bar.close()
-        metrics_file.close()
-        if board is not None:
-            board.close()
 
-    model.eval()
-    save_adapter(model, out)
-    if pissa_start is not None:  # the same update as a plain LoRA adapter for the original base weights
-        save_as_lora(model, out / "as_lora", pissa_start)
-    tokenizer.save_pretrained(out)
+def _evaluate(
+    run: _Run, state: TrainState, result: TrainResult, log: MetricsLog, out: Path, cfg: TrainSection
+) -> bool:
+    """Evaluate, keep the best adapter in ``out/best``, and say whether early stopping's patience ran out."""
+    eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
+    run.model.train()
+    record = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+    state.history.append(record)
+    log.write(record, "eval", (), board={"eval/loss": eval_loss, "eval/perplexity": record["eval_ppl"]})
+    result.eval_loss = eval_loss
+    if state.best_eval is None or eval_loss < state.best_eval:
+        state.best_eval, state.bad_evals = eval_loss, 0
+        save_adapter(run.model, out / "best")
+        return False
+    state.bad_evals += 1
+    return cfg.early_stopping_patience is not None and state.bad_evals >= cfg.early_stopping_patience
+
+
+def _finish(
+    run: _Run,
+    recipe: Recipe,
+    out: Path,
+    state: TrainState,
+    result: TrainResult,
+    rows: list[dict[str, str]],
+    started: float,
+) -> TrainResult:
+    """Write the adapter (and what the method's hooks export), tokenizer, loss curve and summary."""
+    run.model.eval()
+    save_adapter(run.model, out)
+    for subdir, (tensors, adapter_config) in run.hooks.exports(run.model).items():  # PiSSA: as_lora/
+        write_adapter_dir(out / subdir, tensors, adapter_config)
+    run.tokenizer.save_pretrained(out)
     plot_metrics(out / METRICS_NAME, out / "loss.png")
-    result.best_eval_loss = state["best_eval"]
-    result.history = state["history"]
-    if report_rows:
-        result.after = exact_match_report(model, tokenizer, report_rows, train_cfg.max_new_tokens)
+    result.best_eval_loss = state.best_eval
+    result.history = state.history
+    if rows:
+        result.after = exact_match_report(run.model, run.tokenizer, rows, recipe.train.max_new_tokens)
         result.after["eval_loss"] = result.eval_loss
     result.seconds = time.perf_counter() - started
-    (out / "train_summary.json").write_text(
-        json.dumps(
-            {k: v for k, v in vars(result).items() if k not in ("history", "output_dir")},
-            indent=1,
-            default=str,
-        )
-    )
+    summary = {k: v for k, v in vars(result).items() if k not in ("history", "output_dir")}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return result
 
 
@@ -418,40 +485,3 @@ def precision_header(recipe: Recipe, resolved: Recipe) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         line += f"; auto on this {device}: {bf16_report(device).reason}"
     return line
-
-
-def _adalora_controller(model: torch.nn.Module, recipe: Recipe, total_steps: int) -> AdaLoraController | None:
-    """AdaLoRA's rank allocator for a run of ``total_steps`` optimizer steps (None for other methods)."""
-    if recipe.adapter.method != "adalora":
-        return None
-    config = recipe.adapter
-    try:
-        return AdaLoraController(model, "default", total_step=total_steps)
-    except ConfigError:
-        raise ConfigError(
-            f"adapter.tinit={config.tinit or 0} and adapter.tfinal={config.tfinal or 0} leave no steps for "
-            f"AdaLoRA's rank budget in this run of {total_steps} optimizer steps (train.max_steps / train.epochs): "
-            "expected tinit < steps - tfinal; lower them or train longer"
-        ) from None
-
-
-def _tensorboard(out: Path):
-    """A TensorBoard writer logging into ``out/tensorboard``."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "train.tensorboard=true needs the tensorboard package: pip install tensorboard (or set it to false)"
-        ) from None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
-
-
-def _report_rows(recipe: Recipe) -> list[dict[str, str]]:
-    """Alpaca rows of the validation file used for the exact-match report."""
-    if recipe.data.val_path is None:
-        return []
-    parsed, _ = read_rows(Path(recipe.data.val_path))
-    rows = [
-        r.value for r in parsed if isinstance(r.value, dict) and {"instruction", "output"} <= r.value.keys()
-    ]
-    return rows[: recipe.train.eval_generate]

@@ -16,18 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adapters.base import AdapterLinear, config_fields, validated_targets
-from lorakit.config import _PEFT_UNSUPPORTED
+from lorakit.adapters.base import AdapterLinear
+from lorakit.config import _PEFT_UNSUPPORTED, check_target_fields, config_fields, field_error
 from lorakit.errors import ConfigError
 
 PEFT_TYPE = "ADALORA"
-_TARGET_FIELDS = (
-    "target_modules",
-    "exclude_modules",
-    "modules_to_save",
-    "layers_to_transform",
-    "layers_pattern",
-)
 
 
 def _is_int(value: Any, minimum: int) -> bool:
@@ -94,7 +87,7 @@ class AdaLoraConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> ConfigError:
-            return ConfigError(f"AdaLoraConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+            return field_error("AdaLoraConfig", name, f" must be {expected}, got {getattr(self, name)!r}")
 
         for name, low in (("init_r", 1), ("target_r", 1), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
             if not _is_int(getattr(self, name), low):
@@ -122,14 +115,14 @@ class AdaLoraConfig:
             raise fail("rank_pattern", "a dict of '<module path>.lora_E' -> list of booleans")
         if not isinstance(self.init_lora_weights, bool):
             raise fail("init_lora_weights", "true or false")
-        targets = validated_targets("AdaLoraConfig", **{k: getattr(self, k) for k in _TARGET_FIELDS})
-        for key, value in targets.items():
-            setattr(self, key, value)
+        check_target_fields(self, "AdaLoraConfig")
 
     def check_total_step(self, total_step: int) -> None:
         """Raise unless ``total_step`` leaves a budget phase (``tinit < total_step - tfinal``, PEFT's check)."""
         if not _is_int(total_step, 1):
-            raise ConfigError(f"AdaLoraConfig.total_step must be a positive integer, got {total_step!r}")
+            raise field_error(
+                "AdaLoraConfig", "total_step", f" must be a positive integer, got {total_step!r}"
+            )
         if self.tinit >= total_step - self.tfinal:
             raise ConfigError(
                 f"AdaLoraConfig: tinit={self.tinit} and tfinal={self.tfinal} leave no budget phase in "
@@ -185,6 +178,8 @@ class AdaLoraLinear(AdapterLinear):
         base_layer (nn.Module): ``nn.Linear``, GPT-2 ``Conv1D`` or a lorakit 4-bit linear.
     """
 
+    adapter_tables = ("lora_A", "lora_B", "lora_E", "lora_dropout", "r", "lora_alpha", "ranknum")
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ParameterDict()  # Q: [r, in]
@@ -194,6 +189,24 @@ class AdaLoraLinear(AdapterLinear):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.ranknum: dict[str, float] = {}
+
+    def add_from_config(self, name: str, config: AdaLoraConfig, path: str, init: int | None = None) -> None:
+        """Add adapter ``name`` with ``init_r`` components, or ``init`` of them (a pruned adapter read from a file);
+        the scale always divides by ``init_r`` (PEFT's ``ranknum``)."""
+        r = config.init_r if init is None else init
+        self.add_adapter(
+            name, r, config.lora_alpha, config.lora_dropout, config.init_lora_weights, ranknum=config.init_r
+        )
+
+    @staticmethod
+    def parameter_count(config: AdaLoraConfig, path: str, in_features: int, out_features: int) -> int:
+        """``init_r (in + out + 1)``: Q, P and Λ."""
+        return config.init_r * (in_features + out_features + 1)
+
+    @staticmethod
+    def file_init(path: str, base_layer: nn.Module, tensors: dict[str, torch.Tensor]) -> int | None:
+        """The number of components the file stores for this layer (PEFT trims pruned ones), or None."""
+        return int(tensors["lora_A"].shape[0]) if "lora_A" in tensors else None
 
     def add_adapter(
         self,
@@ -234,16 +247,22 @@ class AdaLoraLinear(AdapterLinear):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [self.lora_A[name], self.lora_E[name], self.lora_B[name]]
 
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (unmerging first if merged)."""
-        if name in self.merged_adapters:
-            self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_E, self.lora_dropout):
-            if name in table:  # ParameterDict.pop takes no default
-                del table[name]
-        for table in (self.r, self.lora_alpha, self.ranknum):
-            table.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+    def adapter_rank(self, name: str, keep: list[bool] | None = None) -> int:
+        """Components of adapter ``name``: the kept ones when ``keep`` (the rank pattern) covers them all."""
+        return sum(keep) if keep is not None and len(keep) == self.r[name] else self.r[name]
+
+    def kept_components(self, config: AdaLoraConfig, path: str) -> list[bool] | None:
+        """The rank pattern's entry for this layer (``<path>.lora_E``), as PEFT keys it."""
+        return (config.rank_pattern or {}).get(f"{path}.lora_E")
+
+    def file_tensors(self, name: str, keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """``lora_A`` [r, in], ``lora_E`` [r, 1], ``lora_B`` [out, r] as PEFT saves them (no ``.weight``), trimmed to
+        the components ``keep`` marks (PEFT's rank pattern) when it covers them all."""
+        a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        if keep is not None and len(keep) == a.shape[0] and sum(keep) != a.shape[0]:
+            index = torch.tensor(keep, device=a.device)
+            a, e, b = a[index], e[index], b[:, index]
+        return {"lora_A": a, "lora_E": e, "lora_B": b}
 
     def scale(self, name: str) -> float:
         """``lora_alpha / (ranknum + 1e-5)``, PEFT's scale (the epsilon included, for identical outputs)."""
@@ -255,7 +274,7 @@ class AdaLoraLinear(AdapterLinear):
         hidden = self.lora_dropout[name](x) @ a_scaled.T  # [..., r]
         return (hidden @ self.lora_B[name].T) * self.lora_alpha[name] / (self.ranknum[name] + 1e-5)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def delta_rows(self, name: str) -> torch.Tensor:
         a_scaled = self.lora_A[name].float() * self.lora_E[name].float()  # [r, in]
         return (self.lora_B[name].float() @ a_scaled) * self.scale(name)  # [out, in]
 
@@ -266,10 +285,6 @@ class AdaLoraLinear(AdapterLinear):
         gram_p = p.T @ p  # [r, r]
         eye = torch.eye(gram_q.shape[0], device=q.device, dtype=q.dtype)
         return torch.linalg.matrix_norm(gram_q - eye), torch.linalg.matrix_norm(gram_p - eye)
-
-    def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
-        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
 
 
 __all__ = ["PEFT_TYPE", "AdaLoraConfig", "AdaLoraLinear"]

@@ -1,22 +1,38 @@
-"""What every non-LoRA adapter layer shares: the frozen-base frame, merging, and target-field validation.
+"""What every adapter layer shares: the frozen-base frame, forward, merge, unmerge, delete, and ``modules_to_save``.
 
-An :class:`AdapterLinear` wraps its base layer (``nn.Linear``, GPT-2 ``Conv1D`` or a lorakit 4-bit layer)
-and never dissolves it. A subclass stores its adapters in name-keyed dicts and says only two things: the
-adapter's output for an input (:meth:`AdapterLinear.adapter_delta`) and its dense weight delta
-(:meth:`AdapterLinear.delta_weight`); forward, merge, unmerge and the exact merge into a 4-bit base live here.
+An :class:`AdapterLinear` wraps its base layer (``nn.Linear``, GPT-2 ``Conv1D`` or a lorakit 4-bit layer) and
+never dissolves it. A method's layer (:class:`~lorakit.adapters.lora.LoraLinear`,
+:class:`~lorakit.adapters.adalora.AdaLoraLinear`, :class:`~lorakit.adapters.qrlora.QRLoraLinear`) stores its
+adapters in name-keyed dicts and says what is particular to it: how an adapter is added from its config
+(:meth:`AdapterLinear.add_from_config`), its output for an input (:meth:`AdapterLinear.adapter_delta`), its
+dense update (:meth:`AdapterLinear.delta_rows`), its trainable tensors, and its tensors under their file names
+(:meth:`AdapterLinear.file_tensors`). Forward, merging (exact, also into a 4-bit base), unmerging, deleting and
+mixed batches (where the method has them) live here, once.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.lora import base_layer_shape, is_quantized
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, MergeError
+
+
+def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a wrappable layer (Linear, GPT-2 Conv1D, 4-bit linear)."""
+    if isinstance(layer, Conv1D):
+        in_features, out_features = layer.weight.shape  # Conv1D stores W^T: [in, out]
+        return in_features, out_features
+    return layer.in_features, layer.out_features
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """True for base layers that store their weight in a quantized form and expose ``dequantize()``."""
+    return hasattr(layer, "dequantize") and hasattr(layer, "weight_numel")
 
 
 class AdapterLinear(nn.Module):
@@ -25,7 +41,16 @@ class AdapterLinear(nn.Module):
     Args:
         base_layer (nn.Module): ``nn.Linear``, transformers ``Conv1D`` (weight ``[in, out]``) or a quantized
             linear exposing ``in_features``, ``out_features`` and ``dequantize()``.
+
+    Attributes:
+        active_adapters (list[str]): Adapters added in forward, in this order.
+        merged_adapters (list[str]): Adapters merged into the base weight, in merge order.
+        adapters_disabled (bool): Forward computes the base only (``lorakit.disable_adapters``).
+        row_plan: A mixed batch's rows (set by ``lorakit.batch_adapters`` for one forward, LoRA only).
     """
+
+    # The attributes holding one entry per adapter (dicts / ModuleDicts / ParameterDicts), cleared by delete.
+    adapter_tables: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -35,24 +60,73 @@ class AdapterLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        self.row_plan = None
         self.train(base_layer.training)  # a wrapper added to a model in eval mode stays in eval mode
 
     # ------------------------------------------------------------------------------- what a method defines
+    def add_from_config(self, name: str, config: Any, path: str, init: Any = None) -> None:
+        """Add adapter ``name`` as ``config`` describes it for the module at ``path``.
+
+        ``init`` is what :meth:`file_init` read from an adapter file for this layer (None: a new adapter).
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def file_init(path: str, base_layer: nn.Module, tensors: dict[str, torch.Tensor]) -> Any:
+        """What this method needs from an adapter file before adding the adapter at ``path`` (ranks of a pruned
+        adapter, stored factors ...), given the file's tensors of this layer keyed as :meth:`file_tensors` names
+        them; None when the config says everything. Raises ``AdapterMismatchError``."""
+        return None
+
+    @staticmethod
+    def parameter_count(config: Any, path: str, in_features: int, out_features: int) -> int:
+        """Trainable parameters of a new adapter of ``config`` on an ``in -> out`` layer at ``path`` (no weights)."""
+        raise NotImplementedError
+
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name``."""
         raise NotImplementedError
 
     def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Adapter ``name``'s output for ``x`` [..., in] (already in the adapter dtype): [..., out]."""
         raise NotImplementedError
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def delta_rows(self, name: str) -> torch.Tensor:
         """Adapter ``name``'s dense update ``ΔW`` [out, in] in fp32 (nn.Linear layout, also for Conv1D)."""
         raise NotImplementedError
 
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of adapter ``name``."""
+    def file_tensors(self, name: str, keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors under their file names (``lora_A.weight`` ...), without the module path.
+
+        ``keep``: the components to keep (AdaLoRA's rank pattern for this layer); other methods ignore it.
+        """
         raise NotImplementedError
+
+    def adapter_rank(self, name: str, keep: list[bool] | None = None) -> int:
+        """Adapter ``name``'s rank in this layer (``keep``: AdaLoRA's kept components)."""
+        raise NotImplementedError
+
+    def kept_components(self, config: Any, path: str) -> list[bool] | None:
+        """Which components of this layer ``config`` keeps (AdaLoRA's rank pattern); None: all of them."""
+        return None
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` (the output so far, [..., out]) plus adapter ``name``'s part for ``x`` [..., in].
+
+        The default casts ``x`` to the adapter dtype (fp32) and the delta back to the output dtype; DoRA, which
+        rescales the whole output, overrides it.
+        """
+        dtype = self.adapter_parameters(name)[0].dtype
+        delta = self.adapter_delta(name, x.to(dtype))  # [..., out] in the adapter dtype
+        return result + delta.to(result.dtype)
+
+    def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter output (``row_plan``); only methods with mixed batches implement it."""
+        raise ConfigError(f"{type(self).__name__} has no mixed-adapter batches")
 
     # --------------------------------------------------------------------------------------------- shared
     def set_trainable(self, name: str, trainable: bool) -> None:
@@ -68,10 +142,21 @@ class AdapterLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight ``W0`` [out, in] in fp32 (dequantized for a 4-bit base, transposed for Conv1D)."""
+        return self.base_weight_rows().detach().float()
+
+    def base_weight_rows(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for Conv1D; dequantized to fp32 if 4-bit)."""
         if is_quantized(self.base_layer):
             return self.base_layer.dequantize(torch.float32)
-        weight = self.base_layer.weight.detach().float()
+        weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s update in fp32, laid out like the base weight ([out, in], or [in, out] for Conv1D)."""
+        return self._layout(self.delta_rows(name))
+
+    def _layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta  # Conv1D stores W^T
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., in]  ->  [..., out]
@@ -80,52 +165,103 @@ class AdapterLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # [..., out]
+        if self.row_plan is not None:
+            return self.mixed_batch_output(x, result)
+        held = self.adapter_names()
         for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.adapter_names():
-                continue
-            dtype = self.adapter_parameters(name)[0].dtype
-            delta = self.adapter_delta(name, x.to(dtype))  # [..., out] in the adapter dtype (fp32)
-            result = result + delta.to(result.dtype)
+            if name not in self.merged_adapters and name in held:
+                result = self.adapter_output(name, x, result)
         return result
 
-    def _layout(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta.T if self.fan_in_fan_out else delta  # Conv1D stores W^T
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerging it first if merged) and free its weights."""
+        if name in self.merged_adapters:
+            self._unmerge_one(name)
+        for attr in self.adapter_tables:
+            table = getattr(self, attr)
+            if name in table:  # ParameterDict.pop takes no default
+                del table[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.clear_weight_caches()
+
+    def replace_base_layer(self, base_layer: nn.Module) -> None:
+        """Swap the frozen base layer for an equivalent one (e.g. its 4-bit version); adapters are kept.
+
+        Raises:
+            ConfigError: The new layer has other shapes, or adapters are merged into the old one.
+        """
+        if self.merged_adapters:
+            raise ConfigError(f"unmerge adapters {self.merged_adapters} before replacing the base layer")
+        if base_layer_shape(base_layer) != (self.in_features, self.out_features):
+            raise ConfigError(
+                f"replacement base layer has (in, out) = {base_layer_shape(base_layer)}, "
+                f"expected {(self.in_features, self.out_features)}"
+            )
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.clear_weight_caches()
+
+    def clear_weight_caches(self) -> None:
+        """Forget values derived from the base weight (call after changing it in place through ``.data``)."""
+
+    # ---------------------------------------------------------------------------------------------- merge
+    def _merge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``weight`` (fp32, storage layout) with adapter ``name`` merged in (DoRA overrides: it rescales)."""
+        return weight + self.delta_weight(name)
+
+    def _unmerge_math(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``weight`` (fp32, storage layout) with merged adapter ``name`` taken out (inverse of :meth:`_merge_one`)."""
+        return weight - self.delta_weight(name)
+
+    def _merged_rows(self, weight: torch.Tensor, name: str, base_rows: torch.Tensor) -> torch.Tensor:
+        """``weight`` [out, in] fp32 with adapter ``name`` merged, for a dequantized base ``base_rows``."""
+        return weight + self.delta_rows(name)
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) into the float base weight.
 
+        Args:
+            adapter_names (list[str] | None): Adapters to merge; already merged ones are skipped.
+            safe_merge (bool): Compute the merged weight on a copy first and raise if it is not finite.
+
         Raises:
-            MergeError: The merged weight is not finite (with ``safe_merge``), or the base is quantized.
+            MergeError: The merged weight has NaN/Inf (with ``safe_merge``), or the base is quantized.
         """
         if is_quantized(self.base_layer):
             raise MergeError(
-                "cannot merge into a quantized base layer in place; use lorakit.variants.merge_and_unload(model), "
+                "cannot merge into a quantized base layer in place; use lorakit.merge_and_unload(model), "
                 "which dequantizes the base once and merges exactly"
             )
         weight = self.base_layer.weight
+        held = self.adapter_names()
         for name in adapter_names if adapter_names is not None else list(self.active_adapters):
-            if name in self.merged_adapters or name not in self.adapter_names():
+            if name in self.merged_adapters or name not in held:
                 continue
-            merged = weight.data.float() + self._layout(self.delta_weight(name))
+            merged = self._merge_one(weight.data.float(), name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise MergeError(
                     f"merging adapter {name!r} gives NaN or Inf weights; the base was left unchanged"
                 )
             weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
+            self.clear_weight_caches()
 
     def unmerge(self) -> None:
         """Subtract every merged delta from the base weight, in reverse merge order."""
-        weight = self.base_layer.weight if self.merged_adapters else None
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data.copy_((weight.data.float() - self._layout(self.delta_weight(name))).to(weight.dtype))
+            self._unmerge_one(self.merged_adapters[-1])
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data.copy_(self._unmerge_math(weight.data.float(), name).to(weight.dtype))
+        self.merged_adapters.remove(name)
+        self.clear_weight_caches()
 
     def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
         """The base layer with the adapters' deltas merged in, as its original class.
 
-        A 4-bit base is dequantized once into an ``nn.Linear`` in its compute dtype; the deltas are added in
-        fp32 before the single rounding, so the result equals dequantized base + adapter.
+        A quantized base is dequantized once into an ``nn.Linear`` in its compute dtype; the deltas are added
+        in fp32 before the single rounding to that dtype, so the result equals dequantized base + adapter.
         """
         names = adapter_names if adapter_names is not None else list(self.active_adapters)
         self.unmerge()
@@ -134,46 +270,70 @@ class AdapterLinear(nn.Module):
             self.merged_adapters.clear()  # the layer is about to leave this wrapper
             return self.base_layer
         base = self.base_layer
-        weight = base.dequantize(torch.float32)  # [out, in]
+        base_rows = base.dequantize(torch.float32)  # [out, in]
+        weight = base_rows
+        held = self.adapter_names()
         for name in names:
-            if name in self.adapter_names():
-                weight = weight + self.delta_weight(name)
+            if name in held:
+                weight = self._merged_rows(weight, name, base_rows)
         if not torch.isfinite(weight).all():
             raise MergeError(f"merging adapters {names} gives NaN or Inf weights")
+        dtype = base.compute_dtype
         linear = nn.Linear(
             self.in_features, self.out_features, bias=base.bias is not None, device=weight.device
         )
-        linear = linear.to(base.compute_dtype)
-        linear.weight.data.copy_(weight.to(base.compute_dtype))
+        linear = linear.to(dtype)
+        linear.weight.data.copy_(weight.to(dtype))
         if base.bias is not None:
-            linear.bias.data.copy_(base.bias.data.to(base.compute_dtype))
+            linear.bias.data.copy_(base.bias.data.to(dtype))
         return linear.requires_grad_(False)
 
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.adapter_rank(n)}{self._repr_note(n)}" for n in self.adapter_names())
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
 
-def validated_targets(owner: str, **fields) -> dict:
-    """Validate and normalize the target-selection fields exactly as :class:`LoraConfig` does.
-
-    Args:
-        owner (str): Config class name used in error messages (``"AdaLoraConfig"``).
-        **fields: ``target_modules``, ``exclude_modules``, ``modules_to_save``, ``layers_to_transform``,
-            ``layers_pattern``.
-
-    Returns:
-        dict: The same fields, normalized (sets sorted into lists ...).
-
-    Raises:
-        ConfigError: A field is invalid; the message names ``owner.field``.
-    """
-    try:
-        checked = LoraConfig(**fields)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("LoraConfig.", f"{owner}.")) from None
-    return {key: getattr(checked, key) for key in fields}
+    def _repr_note(self, name: str) -> str:
+        return ""
 
 
-def config_fields(cls) -> set[str]:
-    """Field names of a config dataclass."""
-    return {f.name for f in dataclasses.fields(cls)}
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full for an adapter (PEFT ``modules_to_save``): the original stays untouched and
+    each adapter owns a trainable copy under ``modules_to_save[name]``."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        """Make adapter ``name``'s trainable copy of the original module."""
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s copy."""
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        if self.adapters_disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Attribute reads (``weight``, ``out_features`` ...) go to the module in use, so code that inspects a
+        # wrapped lm_head or classifier keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self._modules
+            active = self.__dict__.get("active_adapter")
+            if active is not None and active in modules["modules_to_save"]:
+                return getattr(modules["modules_to_save"][active], name)
+            return getattr(modules["original_module"], name)
 
 
-__all__ = ["AdapterLinear", "config_fields", "validated_targets"]
+__all__ = ["AdapterLinear", "ModulesToSaveWrapper", "base_layer_shape", "is_quantized"]

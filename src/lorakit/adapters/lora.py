@@ -4,11 +4,13 @@
 
 The wrapper never dissolves its base layer: ``base_layer`` is the original ``nn.Linear``, GPT-2 ``Conv1D``
 or lorakit 4-bit layer, untouched. Adapters live in ``nn.ModuleDict``s keyed by adapter name, so several
-coexist; parameter paths (``q_proj.lora_A.default.weight``) match PEFT's in-memory names.
+coexist; parameter paths (``q_proj.lora_A.default.weight``) match PEFT's in-memory names. Forward, merge and
+unmerge are :class:`~lorakit.adapters.base.AdapterLinear`'s; this file adds LoRA's maths, its mixed-adapter
+batches (:mod:`lorakit.adapters.mixed`) and its initializations.
 
 A DoRA adapter (``use_dora``) is a LoRA adapter plus a magnitude in ``lora_magnitude_vector[name]``; its math lives in
 :mod:`lorakit.adapters.dora`. PiSSA (``init_lora_weights="pissa"``) only changes the initialization
-(:mod:`lorakit.adapters.pissa`).
+(:func:`pissa_init_`, as PEFT's ``LoraLayer.pissa_init``; the workflows around it are in :mod:`lorakit.adapters.pissa`).
 """
 
 from __future__ import annotations
@@ -18,26 +20,14 @@ import math
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapters import dora, mixed
-from lorakit.errors import ConfigError, MergeError
+from lorakit.adapters.base import AdapterLinear, ModulesToSaveWrapper, base_layer_shape, is_quantized
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
 
 
-def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a wrappable layer (Linear, GPT-2 Conv1D, 4-bit linear)."""
-    if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape  # Conv1D stores W^T: [in, out]
-        return in_features, out_features
-    return layer.in_features, layer.out_features
-
-
-def is_quantized(layer: nn.Module) -> bool:
-    """True for base layers that store their weight in a quantized form and expose ``dequantize()``."""
-    return hasattr(layer, "dequantize") and hasattr(layer, "weight_numel")
-
-
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLinear):
     """A frozen linear-like base layer with any number of named LoRA adapters.
 
     Args:
@@ -45,14 +35,21 @@ class LoraLinear(nn.Module):
             linear exposing ``in_features``, ``out_features`` and ``dequantize()``.
 
     Adapter weights are kept in fp32 whatever the base dtype; inputs are cast to the adapter dtype and the
-    adapter output back to the base output dtype (``algorithms.md`` §1, pitfalls).
+    adapter output back to the base output dtype (as PEFT does, so a bf16 base trains fp32 factors).
     """
 
+    adapter_tables = (
+        "lora_A",
+        "lora_B",
+        "lora_dropout",
+        "lora_magnitude_vector",
+        "r",
+        "lora_alpha",
+        "scaling",
+    )
+
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.in_features, self.out_features = base_layer_shape(base_layer)
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -60,21 +57,29 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.adapters_disabled = False
-        # The rows of a mixed batch (set by lorakit.inject.batch_adapters for one forward), and the cache of the
-        # stacked adapter weights that its grouped products read (dropped when an adapter is added or deleted).
-        self.row_plan: mixed.RowPlan | None = None
+        # The cache of the stacked adapter weights that a mixed batch's grouped products read (dropped when an
+        # adapter is added or deleted).
         self._stack_cache: tuple | None = None
         # DoRA: ||W0||^2 per row (frozen, keyed by the base weight), norms cached in no-grad mode, and the norm of
         # each merged DoRA adapter (it cannot be recovered from the merged weight).
         self._base_sq_norm: tuple | None = None
         self._norm_cache: dict[str, tuple] = {}
         self._merged_norm: dict[str, torch.Tensor] = {}
-        self.train(base_layer.training)  # a wrapper added to a model in eval mode stays in eval mode
 
     # ---------------------------------------------------------------------------------------------- setup
+    def add_from_config(self, name: str, config: LoraConfig, path: str, init: None = None) -> None:
+        """Add adapter ``name`` with the rank and alpha ``config`` gives the module at ``path``."""
+        r, alpha = config.rank_for(path), config.alpha_for(path)
+        self.add_adapter(
+            name, r, alpha, config.scaling(r, alpha), config.lora_dropout, config.init_lora_weights,
+            use_dora=config.use_dora,
+        )  # fmt: skip
+
+    @staticmethod
+    def parameter_count(config: LoraConfig, path: str, in_features: int, out_features: int) -> int:
+        """``r (in + out)``, plus ``out`` for a DoRA magnitude."""
+        return config.rank_for(path) * (in_features + out_features) + (out_features if config.use_dora else 0)
+
     def add_adapter(
         self,
         name: str,
@@ -90,7 +95,7 @@ class LoraLinear(nn.Module):
         With ``use_dora`` the adapter also gets a magnitude ``lora_magnitude_vector[name].weight`` [out], fp32,
         initialized to ``‖W0 + s·B A‖`` per row (after the A/B initialization, as PEFT).
         """
-        device = self._base_device()
+        device = self.base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -110,9 +115,6 @@ class LoraLinear(nn.Module):
         """Initialize adapter ``name`` as PEFT does (``reset_lora_parameters``)."""
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
         if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
-            # pissa.py builds on inject/io (model-level flows), which import this module: import it here.
-            from lorakit.adapters.pissa import pissa_init_
-
             pissa_init_(self, name, init_lora_weights)
             return
         if init_lora_weights is False:
@@ -126,87 +128,51 @@ class LoraLinear(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging it first if merged) and free its weights."""
-        if name in self.merged_adapters:
-            self._unmerge_one(name)
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            if name in table:
-                del table[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self._norm_cache):
-            table.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        super().delete_adapter(name)
         self._stack_cache = None  # it holds the adapter's tensors and a stacked copy of them
 
-    def set_trainable(self, name: str, trainable: bool) -> None:
-        """Set ``requires_grad`` on every weight of adapter ``name`` (A, B and the DoRA magnitude)."""
-        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
-            if name in table:
-                table[name].requires_grad_(trainable)
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
 
-    def replace_base_layer(self, base_layer: nn.Module) -> None:
-        """Swap the frozen base layer for an equivalent one (e.g. its 4-bit version); adapters are kept.
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        tables = (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+        return [table[name].weight for table in tables if name in table]
 
-        Raises:
-            ConfigError: The new layer has other shapes, or adapters are merged into the old one.
-        """
-        if self.merged_adapters:
-            raise ConfigError(f"unmerge adapters {self.merged_adapters} before replacing the base layer")
-        if base_layer_shape(base_layer) != (self.in_features, self.out_features):
-            raise ConfigError(
-                f"replacement base layer has (in, out) = {base_layer_shape(base_layer)}, "
-                f"expected {(self.in_features, self.out_features)}"
-            )
-        self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.clear_weight_caches()
+    def adapter_rank(self, name: str, keep: list[bool] | None = None) -> int:
+        return self.r[name]
+
+    def file_tensors(self, name: str, keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """``lora_A.weight``, ``lora_B.weight`` and a DoRA magnitude as PEFT names it on disk,
+        ``lora_magnitude_vector`` (no ``.weight``)."""
+        tensors = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return tensors
 
     def clear_weight_caches(self) -> None:
         """Forget values derived from the base weight (call after changing it in place through ``.data``)."""
         self._base_sq_norm = None
         self._norm_cache.clear()
 
-    def _base_device(self) -> torch.device:
-        for tensor in (*self.base_layer.parameters(), *self.base_layer.buffers()):
-            return tensor.device
-        return torch.device("cpu")
-
     # -------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # x: [..., in]  ->  [..., out]
-        if self.adapters_disabled:
-            if self.merged_adapters:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.row_plan is not None:
-            return self._mixed_batch_output(x, result)
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            x_adapter = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-            if name in self.lora_magnitude_vector:
-                # DoRA reuses the base output (no second matmul with W0); dropout acts on the adapter input only,
-                # as for LoRA (PEFT instead recomputes the base path on the dropped x: docs/variants.md).
-                hidden = lora_a(x_adapter)  # [..., r]
-                scale = self.dora_scale(name)  # [out]
-                result = dora.dora_forward(
-                    result, hidden, lora_b.weight, scale, self.scaling[name], self._bias()
-                )
-                continue
-            # The scale multiplies the rank-r hidden, not the [..., out] product: the same value, r/out of the
-            # elementwise work (it was 10-18% of a small model's training step on CPU).
-            delta = lora_b(lora_a(x_adapter) * self.scaling[name])  # [..., r] -> [..., out]
-            result = result + delta.to(result.dtype)
-        return result
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x_adapter = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        if name in self.lora_magnitude_vector:
+            # DoRA reuses the base output (no second matmul with W0); dropout acts on the adapter input only,
+            # as for LoRA (PEFT instead recomputes the base path on the dropped x: docs/variants.md).
+            hidden = lora_a(x_adapter)  # [..., r]
+            scale = self.dora_scale(name)  # [out]
+            return dora.dora_forward(result, hidden, lora_b.weight, scale, self.scaling[name], self._bias())
+        # The scale multiplies the rank-r hidden, not the [..., out] product: the same value, r/out of the
+        # elementwise work (it was 10-18% of a small model's training step on CPU).
+        delta = lora_b(lora_a(x_adapter) * self.scaling[name])  # [..., r] -> [..., out]
+        return result + delta.to(result.dtype)
+
+    def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name])
 
     # ----------------------------------------------------------------------------------------------- DoRA
-    def base_weight_rows(self) -> torch.Tensor:
-        """The base weight as ``[out, in]`` (a transposed view for Conv1D; dequantized to fp32 if 4-bit)."""
-        if is_quantized(self.base_layer):
-            return self.base_layer.dequantize(torch.float32)
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight
-
     def _bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
@@ -248,6 +214,7 @@ class LoraLinear(nn.Module):
         tensor = base.weight_packed if is_quantized(base) else base.weight
         return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
 
+    # ----------------------------------------------------------------------------------------- mixed batches
     def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The adapters ``names`` stacked for :func:`mixed.add_rows`: ``Aᵀ`` [k + 1, in, r] and ``(s·B)ᵀ``
         [k + 1, r, out] (fp32, ranks zero-padded to the largest; zeros for an adapter this layer lacks and in the
@@ -283,7 +250,7 @@ class LoraLinear(nn.Module):
             self._stack_cache = (names, weights, stamp, [self.scaling[n] for n in present], stacked)
         return stacked
 
-    def _mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row's own adapter output, for all rows at once (gathered low-rank products, :mod:`mixed`).
 
         ``x`` is ``[B, ..., in]`` with ``B == len(self.row_plan.rows)``, ``result`` the base output
@@ -293,7 +260,7 @@ class LoraLinear(nn.Module):
         """
         plan = self.row_plan
         if x.shape[0] != len(plan.rows):
-            raise ValueError(
+            raise ConfigError(
                 f"adapter_names has {len(plan.rows)} entries but the batch has {x.shape[0]} rows; give one name per row"
             )
         names = plan.adapters
@@ -320,67 +287,28 @@ class LoraLinear(nn.Module):
         return dora.dora_output(result, delta, factor, 1.0, self._bias())
 
     # ---------------------------------------------------------------------------------------------- merge
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``s · B A`` for adapter ``name`` in fp32, laid out like the base weight ([out, in], or [in, out]
-        for Conv1D)."""
+    def delta_rows(self, name: str) -> torch.Tensor:
+        """``s · B A`` for adapter ``name``: [out, in] fp32."""
         weight_a = self.lora_A[name].weight.float()  # [r, in]
         weight_b = self.lora_B[name].weight.float()  # [out, r]
-        delta = (weight_b @ weight_a) * self.scaling[name]  # [out, in]
-        return delta.T if self.fan_in_fan_out else delta
+        return (weight_b @ weight_a) * self.scaling[name]  # [out, in]
 
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the deltas of ``adapter_names`` (default: the active ones) into the base weight.
-
-        A DoRA adapter merges as ``W ← k ⊙ (W + ΔW)`` with ``k = m / ‖W0 + ΔW‖``, the norm taken on the base weight
-        without previously merged adapters (as its forward sees it) and cached for :meth:`unmerge`.
-
-        Args:
-            adapter_names (list[str] | None): Adapters to merge; already merged ones are skipped.
-            safe_merge (bool): Compute the merged weight on a copy first and raise if it is not finite.
-
-        Raises:
-            MergeError: The merged weight has NaN/Inf (with ``safe_merge``), or the base is quantized.
-        """
-        if is_quantized(self.base_layer):
-            raise MergeError(
-                "cannot merge into a quantized base layer in place; use lorakit.merge_and_unload(model), "
-                "which dequantizes the base once and merges exactly"
-            )
-        weight = self.base_layer.weight
-        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            delta = self.delta_weight(name)
-            if name in self.lora_magnitude_vector:
-                norm = self._merge_norm(self._unmerged_weight(), delta)
-                factor = dora.magnitude_scale(self.lora_magnitude_vector[name].weight.detach(), norm)
-                merged = dora.merged_weight(weight.data.float(), delta, factor, self.fan_in_fan_out)
-            else:
-                norm, merged = None, weight.data.float() + delta
-            if safe_merge and not torch.isfinite(merged).all():
-                raise MergeError(
-                    f"merging adapter {name!r} gives NaN or Inf weights; the base was left unchanged"
-                )
-            weight.data.copy_(merged.to(weight.dtype))
-            if norm is not None:
-                self._merged_norm[name] = norm
-            self.merged_adapters.append(name)
-            self.clear_weight_caches()
-
-    def unmerge(self) -> None:
-        """Subtract every merged delta from the base weight, in reverse merge order."""
-        while self.merged_adapters:
-            self._unmerge_one(self.merged_adapters[-1])
+    def _merge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """A DoRA adapter merges as ``W ← k ⊙ (W + ΔW)`` with ``k = m / ‖W0 + ΔW‖``, the norm taken on the base weight
+        without previously merged adapters (as its forward sees it) and kept for :meth:`unmerge`."""
+        delta = self.delta_weight(name)
+        if name not in self.lora_magnitude_vector:
+            return weight + delta
+        norm = self._merge_norm(self._unmerged_weight(), delta)
+        factor = dora.magnitude_scale(self.lora_magnitude_vector[name].weight.detach(), norm)
+        self._merged_norm[name] = norm
+        return dora.merged_weight(weight, delta, factor, self.fan_in_fan_out)
 
     def _unmerge_one(self, name: str) -> None:
-        weight = self.base_layer.weight
-        weight.data.copy_(self._unmerge_math(weight.data.float(), name).to(weight.dtype))
-        self.merged_adapters.remove(name)
+        super()._unmerge_one(name)
         self._merged_norm.pop(name, None)
-        self.clear_weight_caches()
 
     def _unmerge_math(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """``weight`` (fp32, storage layout) with merged adapter ``name`` taken out."""
         if name not in self._merged_norm:
             return weight - self.delta_weight(name)
         factor = dora.magnitude_scale(
@@ -400,89 +328,151 @@ class LoraLinear(nn.Module):
         full = weight + delta
         return torch.linalg.vector_norm(full, dim=0 if self.fan_in_fan_out else 1)
 
+    def _merged_rows(self, weight: torch.Tensor, name: str, base_rows: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_rows(name)
+        if name not in self.lora_magnitude_vector:
+            return weight + delta
+        norm = torch.linalg.vector_norm(base_rows + delta, dim=1)  # [out]
+        factor = dora.magnitude_scale(self.lora_magnitude_vector[name].weight.detach(), norm)
+        return dora.merged_weight(weight, delta, factor, fan_in_fan_out=False)
+
     def merged_base_layer(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """The base layer with the adapters' deltas merged in, as its original class.
+        layer = super().merged_base_layer(adapter_names)
+        self._merged_norm.clear()
+        return layer
 
-        A quantized base is dequantized once into an ``nn.Linear`` in its compute dtype; the deltas are added
-        in fp32 before the single rounding to that dtype, so the result equals dequantized base + adapter.
-        """
-        names = adapter_names if adapter_names is not None else list(self.active_adapters)
-        if not is_quantized(self.base_layer):
-            self.merge(names, safe_merge=True)
-            self.merged_adapters.clear()  # the layer is about to leave this wrapper
-            self._merged_norm.clear()
-            return self.base_layer
-        base = self.base_layer
-        base_weight = base.dequantize(torch.float32)  # [out, in]
-        weight = base_weight
-        for name in names:
-            if name not in self.lora_A:
-                continue
-            delta = self.delta_weight(name)
-            if name in self.lora_magnitude_vector:
-                norm = self._merge_norm(base_weight, delta)
-                factor = dora.magnitude_scale(self.lora_magnitude_vector[name].weight.detach(), norm)
-                weight = dora.merged_weight(weight, delta, factor, fan_in_fan_out=False)
-            else:
-                weight = weight + delta
-        if not torch.isfinite(weight).all():
-            raise MergeError(f"merging adapters {names} gives NaN or Inf weights")
-        dtype = base.compute_dtype
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=base.bias is not None, device=weight.device
+    def _repr_note(self, name: str) -> str:
+        return ", dora" if name in self.lora_magnitude_vector else ""
+
+
+# ------------------------------------------------------------------------------------------------------- PiSSA
+def pissa_factors(
+    weight: torch.Tensor, r: int, scaling: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PiSSA factors of ``weight``: ``s·B A`` is its best rank-r approximation (exact SVD) or an estimate of it.
+
+    With ``W0 = U S Vᵀ``: ``A = diag(√(S_r / s)) V_rᵀ`` [r, in] and ``B = U_r diag(√(S_r / s))`` [out, r] (Meng et al.
+    2024, arXiv 2404.02948; PEFT divides by the scale ``s``).
+
+    Args:
+        weight (torch.Tensor): ``W0``, ``[out, in]``, fp32.
+        r (int): Rank; at most ``min(out, in)``.
+        scaling (float): The adapter scale ``s``.
+        niter (int | None): None: exact ``torch.linalg.svd``; an integer: ``torch.svd_lowrank`` with that many
+            subspace iterations (uses the torch RNG).
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``A`` ``[r, in]`` and ``B`` ``[out, r]``, fp32.
+    """
+    if niter is None:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # [out, k], [k], [k, in]
+        u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
+    else:
+        u_r, s_r, v_r = torch.svd_lowrank(weight, q=r, niter=niter)  # [out, r], [r], [in, r]
+        vh_r = v_r.T
+    root = torch.sqrt(s_r / scaling)  # [r]
+    return root[:, None] * vh_r, u_r * root[None, :]
+
+
+@torch.no_grad()
+def pissa_init_(layer: LoraLinear, name: str, init: str) -> None:
+    """Initialize adapter ``name`` of ``layer`` with PiSSA and replace the base weight by the residual, in place.
+
+    Args:
+        layer (LoraLinear): The wrapper; its base must be a full-precision Linear / Conv1D.
+        name (str): The adapter (its A, B, r and scaling exist already).
+        init (str): ``"pissa"`` or ``"pissa_niter_<k>"``.
+
+    Raises:
+        ConfigError: The base is quantized (run PiSSA before quantizing: ``lorakit.adapters.pissa.pissa_quantize``),
+            its weight is not fp32/fp16/bf16, or ``r`` exceeds ``min(out, in)``.
+    """
+    base = layer.base_layer
+    if not hasattr(base, "weight") or hasattr(base, "dequantize"):
+        raise ConfigError(
+            f"init_lora_weights={init!r} needs the full-precision base weight, but this layer's base is "
+            f"{type(base).__name__}: run PiSSA before quantizing (lorakit.adapters.pissa.pissa_quantize)"
         )
-        linear = linear.to(dtype)
-        linear.weight.data.copy_(weight.to(dtype))
-        if base.bias is not None:
-            linear.bias.data.copy_(base.bias.data.to(dtype))
-        linear.requires_grad_(False)
-        return linear
-
-    def extra_repr(self) -> str:
-        ranks = ", ".join(
-            f"{n}: r={self.r[n]}{', dora' if n in self.lora_magnitude_vector else ''}" for n in self.lora_A
+    weight = base.weight
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(
+            f"init_lora_weights={init!r}: the base weight is {weight.dtype}; expected fp32/fp16/bf16"
         )
-        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
+    r, scaling = layer.r[name], layer.scaling[name]
+    if r > min(layer.in_features, layer.out_features):
+        raise ConfigError(
+            f"init_lora_weights={init!r}: r={r} exceeds min(in, out) = "
+            f"{min(layer.in_features, layer.out_features)} of this layer"
+        )
+    rows = layer.base_weight_rows().float()  # [out, in]
+    niter = int(init.rsplit("_", 1)[1]) if init != "pissa" else None
+    lora_a, lora_b = pissa_factors(rows, r, scaling, niter)
+    layer.lora_A[name].weight.copy_(lora_a)
+    layer.lora_B[name].weight.copy_(lora_b)
+    residual = rows - scaling * (lora_b @ lora_a)  # [out, in]
+    weight.copy_((residual.T if layer.fan_in_fan_out else residual).to(weight.dtype))
+    layer.clear_weight_caches()
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full for an adapter (PEFT ``modules_to_save``): the original stays untouched and
-    each adapter owns a trainable copy under ``modules_to_save[name]``."""
+def pissa_as_lora(
+    trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: LoraConfig
+) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """A trained PiSSA adapter as a plain rank-2r LoRA adapter for the original (pre-PiSSA) base weights.
 
-    def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.adapters_disabled = False
+    ``ΔW = s·(B A - B0 A0)`` is written as ``A'' = [A ; A0]`` ``[2r, in]`` and ``B'' = [B | -B0]`` ``[out, 2r]``, with
+    ``r``, ``lora_alpha`` (√2 with rsLoRA), ``rank_pattern`` and ``alpha_pattern`` doubled and
+    ``init_lora_weights=True`` (PEFT's ``subtract_mutated_init``).
 
-    def add_adapter(self, name: str) -> None:
-        """Make adapter ``name``'s trainable copy of the original module."""
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+    Args:
+        trained (dict[str, Tensor]): The trained adapter's tensors under their file keys.
+        initial (dict[str, Tensor]): The same adapter right after the PiSSA init.
+        config (LoraConfig): Its config (copied, not changed).
 
-    def delete_adapter(self, name: str) -> None:
-        """Drop adapter ``name``'s copy."""
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
+    Returns:
+        tuple: The converted tensors (CPU) and config.
 
-    def forward(self, *args, **kwargs):
-        if self.adapters_disabled or self.active_adapter not in self.modules_to_save:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+    Raises:
+        ConfigError: A DoRA adapter (its update is not low-rank), rsLoRA with rank/alpha patterns (as PEFT), or
+            ``initial`` does not match the adapter.
+    """
+    if config.use_dora:
+        raise ConfigError(
+            "save_as_lora: a DoRA adapter's update is not low-rank and cannot be written as LoRA"
+        )
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError(
+            "save_as_lora: rsLoRA with rank_pattern / alpha_pattern cannot be converted (as in PEFT)"
+        )
+    tensors = {}
+    for key, value in trained.items():
+        value = value.detach().cpu()
+        if key.endswith("lora_A.weight") or key.endswith("lora_B.weight"):
+            if key not in initial or initial[key].shape != value.shape:
+                raise ConfigError(
+                    f"save_as_lora: the initial adapter has no tensor {key!r} of shape {tuple(value.shape)}"
+                )
+            first = initial[key].to(value)
+            value = (
+                torch.cat([value, first], 0)
+                if key.endswith("lora_A.weight")
+                else torch.cat([value, -first], 1)
+            )
+        tensors[key] = value.contiguous()
+    config = copy.deepcopy(config)
+    config.init_lora_weights = True
+    config.r *= 2
+    config.lora_alpha *= math.sqrt(2) if config.use_rslora else 2
+    config.rank_pattern = {key: 2 * value for key, value in config.rank_pattern.items()}
+    config.alpha_pattern = {key: 2 * value for key, value in config.alpha_pattern.items()}
+    return tensors, config
 
-    def __getattr__(self, name: str):
-        # Attribute reads (``weight``, ``out_features`` ...) go to the module in use, so code that inspects a
-        # wrapped lm_head or classifier keeps working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self._modules
-            active = self.__dict__.get("active_adapter")
-            if active is not None and active in modules["modules_to_save"]:
-                return getattr(modules["modules_to_save"][active], name)
-            return getattr(modules["original_module"], name)
 
-
-__all__ = ["LoraLinear", "ModulesToSaveWrapper", "base_layer_shape", "is_quantized"]
+__all__ = [
+    "LoraLinear",
+    "ModulesToSaveWrapper",
+    "base_layer_shape",
+    "is_quantized",
+    "pissa_as_lora",
+    "pissa_factors",
+    "pissa_init_",
+]

@@ -1,4 +1,4 @@
-"""Mixed-adapter batches: row ``t`` uses adapter ``a_t`` (S-LoRA / Punica, ``algorithms.md`` §8).
+"""Mixed-adapter batches: row ``t`` uses adapter ``a_t`` (S-LoRA, Sheng et al. 2023, arXiv 2311.03285; Punica, Chen et al. 2023, arXiv 2310.18547).
 
 ``y_t = x_t W0ᵀ + s_{a_t} B_{a_t} A_{a_t} x_t``: the wrapper runs the base GEMM once for the whole batch; this module
 adds every row's low-rank part at once, never merging and never looping over rows.

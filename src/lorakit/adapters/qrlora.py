@@ -21,17 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adapters.base import AdapterLinear, config_fields, validated_targets
-from lorakit.errors import ConfigError
+from lorakit.adapters.base import AdapterLinear, base_layer_shape
+from lorakit.config import check_target_fields, config_fields, field_error
+from lorakit.errors import AdapterMismatchError, ConfigError
 
 PEFT_TYPE = "LORAKIT_QRLORA"
-_TARGET_FIELDS = (
-    "target_modules",
-    "exclude_modules",
-    "modules_to_save",
-    "layers_to_transform",
-    "layers_pattern",
-)
 
 
 # -------------------------------------------------------------------------------------- pivoted QR (reference)
@@ -181,16 +175,14 @@ class QRLoraConfig:
         for name in ("r", "max_r"):
             value = getattr(self, name)
             if value is not None and not positive_int(value):
-                raise ConfigError(f"QRLoraConfig.{name} must be a positive integer or null, got {value!r}")
+                raise field_error("QRLoraConfig", name, f" must be a positive integer or null, got {value!r}")
         if not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1):
-            raise ConfigError(f"QRLoraConfig.tau must be in (0, 1], got {self.tau!r}")
+            raise field_error("QRLoraConfig", "tau", f" must be in (0, 1], got {self.tau!r}")
         if not (
             isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha != 0
         ):
-            raise ConfigError(f"QRLoraConfig.alpha must be a non-zero number, got {self.alpha!r}")
-        targets = validated_targets("QRLoraConfig", **{k: getattr(self, k) for k in _TARGET_FIELDS})
-        for key, value in targets.items():
-            setattr(self, key, value)
+            raise field_error("QRLoraConfig", "alpha", f" must be a non-zero number, got {self.alpha!r}")
+        check_target_fields(self, "QRLoraConfig")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content."""
@@ -237,11 +229,59 @@ class QRLoraLinear(AdapterLinear):
         base_layer (nn.Module): ``nn.Linear``, GPT-2 ``Conv1D`` or a lorakit 4-bit linear.
     """
 
+    adapter_tables = ("qr_lambda", "qr_factors", "alpha")
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.qr_lambda = nn.ParameterDict()
         self.qr_factors = nn.ModuleDict()
         self.alpha: dict[str, float] = {}
+
+    def add_from_config(
+        self,
+        name: str,
+        config: QRLoraConfig,
+        path: str,
+        init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Add adapter ``name``: factors from the pivoted QR of the base weight, or ``init`` (read from a file)."""
+        if init is None:
+            self.init_from_base(name, config)
+        else:
+            self.add_adapter(name, *init, config.alpha)
+
+    @staticmethod
+    def parameter_count(config: QRLoraConfig, path: str, in_features: int, out_features: int) -> int:
+        """``min(r, out, in)``: one λ per component.
+
+        Raises:
+            ConfigError: ``config.r`` is not set (the energy rule needs the weights).
+        """
+        if config.r is None:
+            raise ConfigError(
+                "count_qrlora_parameters needs a fixed QRLoraConfig.r; tau needs the real weights"
+            )
+        return min(config.r, in_features, out_features)
+
+    @staticmethod
+    def file_init(
+        path: str, base_layer: nn.Module, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored factors of the layer at ``path``, ``(Q_r [out, r], (R Pᵀ)_r [r, in])``: loading runs no QR.
+
+        Raises:
+            AdapterMismatchError: They are missing or do not fit the layer.
+        """
+        q, rp = tensors.get("qr_Q"), tensors.get("qr_RP")
+        if q is None or rp is None:
+            raise AdapterMismatchError(f"the factors of {path!r} are missing from the adapter file")
+        in_features, out_features = base_layer_shape(base_layer)
+        if rp.ndim != 2 or rp.shape[1] != in_features or q.shape != (out_features, rp.shape[0]):
+            raise AdapterMismatchError(
+                f"{path} has factors qr_Q {tuple(q.shape)} and qr_RP {tuple(rp.shape)}, but the layer needs "
+                f"[{out_features}, r] and [r, {in_features}]"
+            )
+        return q, rp
 
     def add_adapter(self, name: str, q: torch.Tensor, rp: torch.Tensor, alpha: float) -> None:
         """Add adapter ``name`` from its factors (λ = 0, so the output is unchanged).
@@ -274,15 +314,13 @@ class QRLoraLinear(AdapterLinear):
         """Number of components of adapter ``name``."""
         return self.qr_lambda[name].numel()
 
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (unmerging first if merged)."""
-        if name in self.merged_adapters:
-            self.unmerge()
-        for table in (self.qr_lambda, self.qr_factors):
-            if name in table:  # ParameterDict.pop takes no default
-                del table[name]
-        self.alpha.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+    def adapter_rank(self, name: str, keep: list[bool] | None = None) -> int:
+        return self.rank(name)
+
+    def file_tensors(self, name: str, keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """``qr_lambda`` [r] and the frozen factors ``qr_Q`` [out, r], ``qr_RP`` [r, in] (lorakit's format)."""
+        factors = self.qr_factors[name]
+        return {"qr_lambda": self.qr_lambda[name], "qr_Q": factors.Q, "qr_RP": factors.RP}
 
     def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., r] -> [..., out]: r (in + out) MACs per token, ΔW never formed
@@ -291,14 +329,10 @@ class QRLoraLinear(AdapterLinear):
         hidden = hidden * (self.qr_lambda[name] * self.alpha[name])  # [..., r]
         return hidden @ factors.Q.T  # [..., out]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def delta_rows(self, name: str) -> torch.Tensor:
         factors = self.qr_factors[name]
         scaled_q = factors.Q.float() * (self.qr_lambda[name].float() * self.alpha[name])  # [out, r]
         return scaled_q @ factors.RP.float()  # [out, in]
-
-    def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.rank(n)}" for n in self.qr_lambda)
-        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
 
 
 __all__ = [

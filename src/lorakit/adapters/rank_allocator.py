@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.adapters.adalora import AdaLoraConfig, AdaLoraLinear
 from lorakit.errors import ConfigError
+from lorakit.walk import adapter_configs, adapter_layers
 
 _PARTS = ("lora_A", "lora_E", "lora_B")
 
@@ -110,7 +111,7 @@ class AdaLoraController:
     """Drives AdaLoRA for one adapter from inside a training loop; the user calls nothing.
 
     Args:
-        model (nn.Module): A model wrapped with :func:`lorakit.variants.wrap_adalora`.
+        model (nn.Module): A model with an AdaLoRA adapter (``lorakit.wrap(model, AdaLoraConfig(...))``).
         adapter_name (str): The AdaLoRA adapter being trained. Default ``"default"``.
         total_step (int | None): Optimizer steps of the run; overrides and is written into the config (so
             the saved ``adapter_config.json`` records it). Needed here or in the config.
@@ -130,12 +131,10 @@ class AdaLoraController:
     def __init__(
         self, model: nn.Module, adapter_name: str = "default", total_step: int | None = None
     ) -> None:
-        from lorakit.inject import adapter_configs
-
         config = adapter_configs(model).get(adapter_name)
         if not isinstance(config, AdaLoraConfig):
             raise ConfigError(
-                f"no AdaLoRA adapter named {adapter_name!r} on this model; wrap it with wrap_adalora"
+                f"no AdaLoRA adapter named {adapter_name!r} on this model; add one with lorakit.wrap(model, AdaLoraConfig(...))"
             )
         if total_step is not None:
             config.check_total_step(total_step)
@@ -149,9 +148,9 @@ class AdaLoraController:
     def layers(self, model: nn.Module) -> list[tuple[str, AdaLoraLinear]]:
         """Every ``(path, layer)`` holding this adapter, in module order."""
         return [
-            (path, module)
-            for path, module in model.named_modules()
-            if isinstance(module, AdaLoraLinear) and self.adapter_name in module.lora_A
+            (path, layer)
+            for path, layer in adapter_layers(model)
+            if isinstance(layer, AdaLoraLinear) and self.adapter_name in layer.lora_A
         ]
 
     def regularizer(self, model: nn.Module) -> torch.Tensor:

@@ -41,6 +41,7 @@ QuantType = Literal["nf4", "fp4"]
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
+QUANT_TYPES = ("nf4", "fp4")  # the 4-bit code books below (a recipe's model.quantize, the CLI's --quantize)
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 
 # NF4 (QLoRA §3): quantiles of N(0, 1) normalized to [-1, 1], 7 negative levels, an exact 0, 8 positive levels.

@@ -1,4 +1,4 @@
-"""One base model, many named adapters, continuous batching of decode steps (``algorithms.md`` §8).
+"""One base model, many named adapters, continuous batching of decode steps (S-LoRA, arXiv 2311.03285).
 
 Requests wait in a bounded queue. A scheduler thread owns the model and loops:
 
