@@ -124,3 +124,16 @@ def test_unknown_key_in_file_suggests(tmp_path):
         load_recipe(path)
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_recipes_ship_inside_the_package_and_load_by_name():
+    import tomllib
+
+    import lorakit
+
+    package = Path(lorakit.__file__).parent
+    assert RECIPES_DIR.parent == package and SHIPPED  # package data, so an installed wheel has them
+    data = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())
+    assert "recipes/*.yaml" in data["tool"]["setuptools"]["package-data"]["lorakit"]
+    by_name = load_recipe("qlora_alpaca")
+    assert by_name == load_recipe(RECIPES_DIR / "qlora_alpaca.yaml")

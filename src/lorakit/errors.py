@@ -35,6 +35,10 @@ class AdapterMismatchError(LorakitError, ValueError):
     """An adapter file does not fit the model it is loaded into (names the first mismatch)."""
 
 
+class AdapterPathError(LorakitError, ValueError):
+    """An adapter path is not inside the adapter root (absolute elsewhere, ``..``, or a symlink escaping it)."""
+
+
 class AdapterFileError(LorakitError, OSError):
     """An adapter or model file is missing, unreadable or corrupt (names the file)."""
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, AdapterPathError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -166,3 +166,32 @@ def read_int8_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         weights[key] = dequantize_rows(tensor, scale)
     return weights
+
+
+def resolve_adapter_path(root: str | Path | None, path: str) -> Path:
+    """The adapter directory ``path`` names, confined to ``root``.
+
+    Relative paths are taken from ``root``; absolute ones must lie inside it. ``..`` components are refused
+    outright, and the resolved path (symlinks followed) must still be inside the resolved root.
+
+    Raises:
+        AdapterPathError: The path leaves the root.
+        ConfigError: The path is empty or not a directory.
+    """
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ConfigError(f"adapter path: expected a non-empty directory name, got {path!r}")
+    candidate = Path(path)
+    if root is None:
+        resolved = candidate.resolve()
+    else:
+        if ".." in candidate.parts:
+            raise AdapterPathError(
+                f"adapter path {path!r}: '..' is not allowed; give a path inside the adapter root"
+            )
+        base = Path(root).resolve()
+        resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
+        if not resolved.is_relative_to(base):
+            raise AdapterPathError(f"adapter path {path!r} resolves outside the adapter root {str(base)!r}")
+    if not resolved.is_dir():
+        raise ConfigError(f"adapter path {path!r}: no such directory")
+    return resolved

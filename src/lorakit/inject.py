@@ -207,14 +207,21 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model only inside the ``with`` block (merged adapters are unmerged first)."""
     layers = [m for m in model.modules() if isinstance(m, (AdapterLinear, ModulesToSaveWrapper))]
-    previous = [m.adapters_disabled for m in layers]
-    for module in layers:
-        module.adapters_disabled = True
+    with _set_in_block(layers, "adapters_disabled", True):
+        yield
+
+
+@contextlib.contextmanager
+def _set_in_block(modules: list[nn.Module], attr: str, value: Any) -> Iterator[None]:
+    """Set ``attr`` to ``value`` on every module for the ``with`` block, then restore each one's own value."""
+    previous = [getattr(module, attr) for module in modules]
+    for module in modules:
+        setattr(module, attr, value)
     try:
         yield
     finally:
-        for module, state in zip(layers, previous):
-            module.adapters_disabled = state
+        for module, state in zip(modules, previous):
+            setattr(module, attr, state)
 
 
 @contextlib.contextmanager
@@ -248,14 +255,8 @@ def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]
     if plan is None or plan.rows != tuple(adapter_names):
         plan = RowPlan(adapter_names)
         model.__dict__["_lorakit_row_plan"] = plan
-    previous = [layer.row_plan for layer in layers]
-    for layer in layers:
-        layer.row_plan = plan
-    try:
+    with _set_in_block(layers, "row_plan", plan):
         yield
-    finally:
-        for layer, state in zip(layers, previous):
-            layer.row_plan = state
 
 
 def _install_adapter_names_hook(model: nn.Module) -> None:

@@ -164,7 +164,7 @@ def load_model(
         ConfigError: An unknown ``quantize`` value or missing weights for the model's parameters.
     """
     if quantize is not None and quantize not in QUANT_TYPES:
-        raise ConfigError(f"quantize: expected 'nf4', 'fp4' or None, got {quantize!r}")
+        raise ConfigError(f"quantize: expected one of {', '.join(QUANT_TYPES)} or None, got {quantize!r}")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise AdapterFileError(f"{path / 'config.json'} not found: expected a Hugging Face model directory")

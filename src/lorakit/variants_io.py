@@ -5,12 +5,9 @@ Each name here warns (``DeprecationWarning``) and calls its replacement; they wi
 
 from __future__ import annotations
 
-import os
+import functools
 import warnings
-from pathlib import Path
-
-import torch
-from torch import nn
+from collections.abc import Callable
 
 from lorakit import io, walk
 from lorakit.adapters.adalora import AdaLoraConfig
@@ -18,76 +15,46 @@ from lorakit.adapters.qrlora import QRLoraConfig
 from lorakit.errors import ConfigError
 
 
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"lorakit.variants_io.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+def _alias(
+    old: str, new: Callable, new_name: str, config_cls: type | None = None, name_at: int = 1, **fixed
+) -> Callable:
+    """``new`` under the old name ``old``: warns, checks the adapter's method (``config_cls``), passes ``fixed``.
 
+    ``name_at``: where ``adapter_name`` stands among the positional arguments after ``model``; when it is not
+    given, ``"default"`` is passed, as the old functions did.
+    """
 
-def _check(model: nn.Module, adapter_name: str, cls: type) -> None:
-    if not isinstance(walk.adapter_configs(model).get(adapter_name), cls):
-        raise ConfigError(
-            f"no {cls.__name__.removesuffix('Config')} adapter named {adapter_name!r} on this model"
+    @functools.wraps(new)
+    def deprecated(model, *args, **kwargs):
+        warnings.warn(
+            f"lorakit.variants_io.{old} is deprecated; use {new_name}", DeprecationWarning, stacklevel=2
         )
+        if len(args) <= name_at:
+            kwargs.setdefault("adapter_name", "default")
+        name = kwargs["adapter_name"] if len(args) <= name_at else args[name_at]
+        if config_cls is not None and not isinstance(walk.adapter_configs(model).get(name), config_cls):
+            raise ConfigError(
+                f"no {config_cls.__name__.removesuffix('Config')} adapter named {name!r} on this model"
+            )
+        return new(model, *args, **{**kwargs, **fixed})
+
+    deprecated.__name__ = deprecated.__qualname__ = old
+    return deprecated
 
 
-def adalora_state_dict(
-    model: nn.Module, adapter_name: str = "default", trim: bool = True
-) -> dict[str, torch.Tensor]:
-    """Deprecated: use ``lorakit.walk.adapter_state_dict``."""
-    _deprecated("adalora_state_dict", "lorakit.walk.adapter_state_dict")
-    return walk.adapter_state_dict(model, adapter_name, trim=trim)
-
-
-def qrlora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Deprecated: use ``lorakit.walk.adapter_state_dict``."""
-    _deprecated("qrlora_state_dict", "lorakit.walk.adapter_state_dict")
-    return walk.adapter_state_dict(model, adapter_name)
-
-
-def checkpoint_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Deprecated: use ``lorakit.walk.adapter_state_dict(model, name, trim=False)``."""
-    _deprecated("checkpoint_state_dict", "lorakit.walk.adapter_state_dict(..., trim=False)")
-    return walk.adapter_state_dict(model, adapter_name, trim=False)
-
-
-def save_adalora(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trim: bool = True
-) -> Path:
-    """Deprecated: use ``lorakit.save_adapter``."""
-    _deprecated("save_adalora", "lorakit.save_adapter")
-    _check(model, adapter_name, AdaLoraConfig)
-    return io.save_adapter(model, path, adapter_name, trim=trim)
-
-
-def save_qrlora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Deprecated: use ``lorakit.save_adapter``."""
-    _deprecated("save_qrlora", "lorakit.save_adapter")
-    _check(model, adapter_name, QRLoraConfig)
-    return io.save_adapter(model, path, adapter_name)
-
-
-def save_variant(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trim: bool = True
-) -> Path:
-    """Deprecated: use ``lorakit.save_adapter`` (every method)."""
-    _deprecated("save_variant", "lorakit.save_adapter")
-    return io.save_adapter(model, path, adapter_name, trim=trim)
-
-
-def load_variant(
-    model: nn.Module,
-    path: str | os.PathLike,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    activate: bool = True,
-) -> nn.Module:
-    """Deprecated: use ``lorakit.load_adapter`` (every method)."""
-    _deprecated("load_variant", "lorakit.load_adapter")
-    return io.load_adapter(model, path, adapter_name, is_trainable=is_trainable, activate=activate)
-
-
-load_adalora = load_variant
-load_qrlora = load_variant
-LOADERS = {"ADALORA": load_variant, "LORAKIT_QRLORA": load_variant}
+_STATE = "lorakit.walk.adapter_state_dict"
+adalora_state_dict = _alias("adalora_state_dict", walk.adapter_state_dict, _STATE, AdaLoraConfig, name_at=0)
+qrlora_state_dict = _alias("qrlora_state_dict", walk.adapter_state_dict, _STATE, QRLoraConfig, name_at=0)
+checkpoint_state_dict = _alias(
+    "checkpoint_state_dict", walk.adapter_state_dict, f"{_STATE}(..., trim=False)", name_at=0, trim=False
+)
+save_adalora = _alias("save_adalora", io.save_adapter, "lorakit.save_adapter", AdaLoraConfig)
+save_qrlora = _alias("save_qrlora", io.save_adapter, "lorakit.save_adapter", QRLoraConfig)
+save_variant = _alias("save_variant", io.save_adapter, "lorakit.save_adapter")
+load_variant = _alias("load_variant", io.load_adapter, "lorakit.load_adapter")
+load_adalora = _alias("load_adalora", io.load_adapter, "lorakit.load_adapter")
+load_qrlora = _alias("load_qrlora", io.load_adapter, "lorakit.load_adapter")
+LOADERS = {"ADALORA": load_adalora, "LORAKIT_QRLORA": load_qrlora}
 
 __all__ = [
     "LOADERS",

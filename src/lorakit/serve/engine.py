@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lorakit.data import stop_token_ids
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import AdapterPathError, ConfigError, LorakitError
+from lorakit.files import resolve_adapter_path
 from lorakit.inject import adapter_configs, delete_adapter
 from lorakit.io import load_adapter, read_adapter_config
 from lorakit.serve.batch import Batch, Row, prefill, sample_next
@@ -51,10 +52,6 @@ class UnknownModelError(LorakitError, LookupError):
 
 class AdapterConflictError(LorakitError, RuntimeError):
     """An adapter of that name is already loaded, or is being unloaded (HTTP 409)."""
-
-
-class AdapterPathError(LorakitError, ValueError):
-    """An adapter path is not inside the adapter root (absolute elsewhere, ``..``, or a symlink escaping it)."""
 
 
 @dataclass(kw_only=True)
@@ -158,35 +155,6 @@ class RequestHandle:
         for _ in self:
             pass
         return self.completion
-
-
-def resolve_adapter_path(root: str | Path | None, path: str) -> Path:
-    """The adapter directory ``path`` names, confined to ``root``.
-
-    Relative paths are taken from ``root``; absolute ones must lie inside it. ``..`` components are refused
-    outright, and the resolved path (symlinks followed) must still be inside the resolved root.
-
-    Raises:
-        AdapterPathError: The path leaves the root.
-        ConfigError: The path is empty or not a directory.
-    """
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise ConfigError(f"adapter path: expected a non-empty directory name, got {path!r}")
-    candidate = Path(path)
-    if root is None:
-        resolved = candidate.resolve()
-    else:
-        if ".." in candidate.parts:
-            raise AdapterPathError(
-                f"adapter path {path!r}: '..' is not allowed; give a path inside the adapter root"
-            )
-        base = Path(root).resolve()
-        resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
-        if not resolved.is_relative_to(base):
-            raise AdapterPathError(f"adapter path {path!r} resolves outside the adapter root {str(base)!r}")
-    if not resolved.is_dir():
-        raise ConfigError(f"adapter path {path!r}: no such directory")
-    return resolved
 
 
 class Engine:

@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.hardware import DTYPE_CHOICES
+from lorakit.quant import QUANT_TYPES
 from lorakit.serve.engine import ADAPTER_NAME, Engine, EngineConfig, GenerationRequest, RequestHandle
 from lorakit.serve.openai import (
     HTTPError,
@@ -87,8 +88,10 @@ class ServeConfig(EngineConfig):
             )
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port: expected 0..65535, got {self.port!r}")
-        if self.quantize not in (None, "nf4", "fp4"):
-            raise ConfigError(f"quantize: expected 'nf4', 'fp4' or None, got {self.quantize!r}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ConfigError(
+                f"quantize: expected one of {', '.join(QUANT_TYPES)} or None, got {self.quantize!r}"
+            )
         if self.dtype is None:  # the old spelling of the default
             self.dtype = "auto"
         if self.dtype not in DTYPE_CHOICES:

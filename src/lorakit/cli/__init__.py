@@ -1,4 +1,7 @@
-"""The ``lorakit`` command line: one explicit table of subcommands.
+"""The ``lorakit`` command line: one explicit table of subcommands (:data:`COMMANDS`).
+
+The recipe and adapter subcommands (train, preprocess, generate, merge, inspect) are here; ``serve``, ``plan`` and
+``env`` each have their own module beside this one.
 
 Every subcommand validates its input at the boundary; a :class:`~lorakit.errors.LorakitError` is printed as
 one clear line (``error: ...``) with exit status 2 instead of a traceback.
@@ -13,11 +16,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lorakit.cli import env, plan, serve
 from lorakit.hardware import DTYPE_CHOICES
+from lorakit.quant import QUANT_TYPES
 
 EPILOG_TRAIN = """examples:
   lorakit train                                  # the bundled quickstart (QLoRA on a tiny model, offline)
-  lorakit train recipes/qlora_alpaca.yaml model.path=/models/llama data.path=my.jsonl
+  lorakit train qlora_alpaca model.path=/models/llama data.path=my.jsonl   # a shipped recipe, by name
   lorakit train my.yaml train.lr=1e-4 adapter.r=32 --dry-run
   lorakit train my.yaml --resume                 # continue from the newest checkpoint in output_dir
 """
@@ -33,7 +38,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "recipe", nargs="?", help="recipe YAML file, or a name under recipes/ (default: quickstart)"
+        "recipe",
+        nargs="?",
+        help="recipe YAML file, or the name of a shipped recipe, e.g. qlora_alpaca (default: quickstart)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=2e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe as YAML and exit")
@@ -132,7 +139,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature and top-p)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument(
-        "--quantize", choices=["nf4", "fp4", "none"], default=None,
+        "--quantize", choices=[*QUANT_TYPES, "none"], default=None,
         help="load the base in 4 bits (default: as the adapter's recipe.yaml says, else none)",
     )  # fmt: skip
     p.add_argument(
@@ -229,7 +236,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "the merge itself is computed in float32)",
     )  # fmt: skip
     p.add_argument(
-        "--quantize", choices=["nf4", "fp4", "none"], default=None,
+        "--quantize", choices=[*QUANT_TYPES, "none"], default=None,
         help="the base as trained (default: from the adapter's recipe.yaml, else none)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -321,226 +328,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-EPILOG_SERVE = """examples:
-  lorakit serve --model models/llama --adapter-root adapters --adapter legal=legal --adapter support=support-v2
-  lorakit serve --model models/llama --quantize nf4 --port 8080 --max-batch 32
-  LORAKIT_API_KEY=... lorakit serve --model models/llama --host 0.0.0.0 --api-key-env LORAKIT_API_KEY
-  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "legal", "prompt": "Hello", "max_tokens": 32}'
-"""
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "serve",
-        help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
-        description="Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API "
-        "(/v1/completions, /v1/chat/completions, /v1/models, /v1/adapters). Concurrent requests are batched "
-        "across adapters. See docs/serving.md.",
-        epilog=EPILOG_SERVE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--model", required=True, help="base model directory (Hugging Face format, with its tokenizer)"
-    )
-    p.add_argument(
-        "--adapter", action="append", default=[], metavar="NAME=DIR",
-        help="load the adapter in DIR under NAME at start (repeat); DIR is taken from --adapter-root when given",
-    )  # fmt: skip
-    p.add_argument(
-        "--adapter-root", default=None, metavar="DIR",
-        help="every adapter path must stay inside DIR; also enables loading adapters at run time "
-        "(POST /v1/adapters). Default: no run-time loading",
-    )  # fmt: skip
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument(
-        "--model-name", default=None, help="the base model's id in the API (default: the directory name)"
-    )
-    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default 16)")
-    p.add_argument(
-        "--max-queue", type=int, default=64, help="most waiting requests; more get 429 (default 64)"
-    )
-    p.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        default=1024,
-        help="largest max_tokens a request may ask for (default 1024)",
-    )
-    p.add_argument(
-        "--quantize", choices=["nf4", "fp4", "none"], default="none", help="load the base in 4 bits"
-    )
-    p.add_argument(
-        "--dtype", choices=DTYPE_CHOICES, default="auto",
-        help="compute dtype (default auto: bfloat16 where the hardware multiplies it natively, else float32 "
-        "on CPU / float16 on older GPUs)",
-    )  # fmt: skip
-    p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
-    p.add_argument(
-        "--api-key-env", default=None, metavar="VAR",
-        help="require 'Authorization: Bearer KEY' with KEY read from environment variable VAR",
-    )  # fmt: skip
-    return p
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-    import os
-
-    from lorakit.errors import ConfigError
-    from lorakit.serve import ServeConfig, Server
-
-    adapters: dict[str, str] = {}
-    for item in args.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--adapter: expected NAME=DIR, got {item!r}")
-        if name in adapters:
-            raise ConfigError(f"--adapter: the name {name!r} is given twice")
-        adapters[name] = path
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set or empty")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServeConfig(
-        model_dir=args.model, adapters=adapters, adapter_root=args.adapter_root, host=args.host, port=args.port,
-        model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit, quantize=None if args.quantize == "none" else args.quantize,
-        dtype=args.dtype, device=args.device, api_key=api_key,
-    )  # fmt: skip
-    server = Server(config)
-    print(f"serving {server.model_ids()} on {server.url} (Ctrl-C to stop)", flush=True)
-    server.serve_forever()
-    return 0
-
-
-EPILOG_PLAN = """examples:
-  lorakit plan --model llama-2-7b --method qlora --gpu-memory 24GB
-  lorakit plan --model llama-3-8b --method lora --r 16 --target attention --batch 8 --seq 1024 --gradient-checkpointing
-  lorakit plan --model /models/my-llama --method full --optimizer adamw_8bit --device cpu
-  lorakit plan --model path/to/config.json --method qlora --optimizer paged_adamw_8bit --json
-
-what is counted: base weights by storage type, quantization constants, adapters, gradients, optimizer states,
-saved activations, the loss's logits, workspace (dequantization, optimizer temporaries), and the runtime (CUDA
-context; on CPU the Python + torch process). The peak is 'always' + max(forward/backward, optimizer step).
-Sizes are GB = 1e9 bytes (--gpu-memory also takes GiB). Exit status 1 when the step does not fit
---gpu-memory. See docs/plan.md.
-"""
-
-
-def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lorakit.presets import PRESETS
-
-    p = sub.add_parser(
-        "plan",
-        help="predict the memory of a fine-tuning step, without loading weights",
-        description="Predict the peak memory of one training step from the model's config alone, with a "
-        "breakdown; with --gpu-memory, say whether it fits and which change makes it fit.",
-        epilog=EPILOG_PLAN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--model", required=True,
-        help=f"a model directory, a config.json, or a preset: {', '.join(PRESETS)}",
-    )  # fmt: skip
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora", help="default qlora")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument(
-        "--target", default="all",
-        help="all / all-linear (7 projections), attention, mlp, minimal (q, v), or a comma list such as "
-        "q_proj,v_proj (default all)",
-    )  # fmt: skip
-    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument(
-        "--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"], default="adamw",
-        help="as train.optimizer (default adamw)",
-    )  # fmt: skip
-    p.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward"
-    )
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default 0.05)")
-    p.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float16"],
-        default="bfloat16",
-        help="compute dtype (default bfloat16)",
-    )
-    p.add_argument(
-        "--full-dtype", choices=["bfloat16", "float32"], default="bfloat16",
-        help="weights of full fine-tuning: bfloat16 (pure bf16) or float32 (master weights) (default bfloat16)",
-    )  # fmt: skip
-    p.add_argument(
-        "--quant-type", choices=["nf4", "fp4"], default=None, help="4-bit type (qlora; default nf4)"
-    )
-    p.add_argument("--no-double-quant", action="store_true", help="fp32 block scales (4.5 bits per weight)")
-    p.add_argument("--no-chunked-loss", action="store_true", help="materialize the full logits")
-    p.add_argument(
-        "--target-fraction", type=float, default=1.0,
-        help="share of tokens that carry a loss, e.g. 0.5 when prompts are masked (default 1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--device", choices=["cuda", "cpu"], default="cuda",
-        help="cuda (adds the CUDA context, pages optimizer states) or cpu (adds the process runtime)",
-    )  # fmt: skip
-    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory available, e.g. 24GB or 24GiB")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return p
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from lorakit.plan import PlanConfig, plan_memory
-
-    config = PlanConfig(
-        method=args.method, r=args.r, target=args.target, batch_size=args.batch, seq_len=args.seq,
-        optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-        lora_dropout=args.lora_dropout, compute_dtype=args.dtype, full_dtype=args.full_dtype,
-        quant_type=args.quant_type, double_quant=not args.no_double_quant, chunked_loss=not args.no_chunked_loss,
-        target_fraction=args.target_fraction, device=args.device,
-    )  # fmt: skip
-    plan = plan_memory(args.model, config, gpu_memory=args.gpu_memory)
-    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
-    return 0 if plan.fits is not False else 1
-
-
-def _add_env(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "env",
-        help="this machine, its measured matmul rates and what precision auto picks (for bug reports)",
-        description="Print lorakit's environment: versions of lorakit, torch, transformers, peft and "
-        "bitsandbytes; the devices; the CPU model, ISA level (AVX2 / AVX512 / AVX512_BF16 / AMX), cores "
-        "and threads; measured fp32 and bf16 matmul GFLOP/s; whether bf16 is native; what compute_dtype=auto "
-        "and precision=auto resolve to. Paste it into bug reports.",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--seconds", type=float, default=0.3, help="time per matmul measurement (default 0.3)")
-    return p
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    from lorakit.errors import ConfigError
-    from lorakit.hardware import environment_report, format_environment
-
-    if not 0 < args.seconds <= 60:
-        raise ConfigError(f"--seconds: expected a number in (0, 60], got {args.seconds}")
-    report = environment_report(measure_seconds=args.seconds)
-    print(json.dumps(report, indent=1) if args.json else format_environment(report))
-    return 0
-
-
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "generate": (_add_generate, cmd_generate),
     "merge": (_add_merge, cmd_merge),
     "inspect": (_add_inspect, cmd_inspect),
     "preprocess": (_add_preprocess, cmd_preprocess),
-    "serve": (_add_serve, cmd_serve),
-    "plan": (_add_plan, cmd_plan),
-    "env": (_add_env, cmd_env),
+    "serve": (serve.add_parser, serve.run),
+    "plan": (plan.add_parser, plan.run),
+    "env": (env.add_parser, env.run),
 }
 
 
