@@ -31,6 +31,13 @@ def test_every_shipped_recipe_loads_and_round_trips(path):
     recipe.adapter.lora_config()  # the adapter section is a valid LoraConfig
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_recipes_let_the_hardware_choose_precision(path):
+    # a pinned bf16 would run ~70x slower on a CPU without native bf16 (docs/precision.md)
+    recipe = load_recipe(path)
+    assert (recipe.model.compute_dtype, recipe.train.precision) == ("auto", "auto")
+
+
 def test_seed_recipe_values():
     qlora = load_recipe(RECIPES_DIR / "qlora_alpaca.yaml")
     assert (qlora.adapter.r, qlora.adapter.lora_alpha, qlora.adapter.lora_dropout) == (16, 32, 0.05)

@@ -1,0 +1,93 @@
+"""Remove one method's row from ``methods.METHODS`` in a scratch copy and run the suite: only its tests may fail.
+
+This is the proof that the method table is the one place a method is listed (docs/architecture.md): with a row
+gone, every test that fails must be one of that method's tests (its name or parameters name the method), and
+each of those must fail (a method whose tests still pass without its row would be tested through some other list).
+
+    .venv/bin/python scripts/check_method_rows.py                 # every row but "lora"
+    .venv/bin/python scripts/check_method_rows.py dora qrlora     # some rows
+
+"lora" is left out by default: every other method and most of the suite build on LoRA, so its row's tests are the
+suite. Exit status 0 when every row passes the check. Takes about one suite run per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# the words that mark a test as the method's own, besides the row's name
+ALIASES = {"dora": ("dora",), "adalora": ("adalora", "rank_allocator"), "qrlora": ("qrlora", "qr_lora")}
+
+
+def drop_row(source: str, name: str) -> str:
+    """``methods.py`` without the row ``"name": Method(...)`` of the ``METHODS`` dict."""
+    lines = source.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'    "{name}": Method('))
+    depth, stop = 0, start
+    for stop in range(start, len(lines)):
+        depth += lines[stop].count("(") - lines[stop].count(")")
+        if depth <= 0:
+            break
+    return "".join(lines[:start] + lines[stop + 1 :])
+
+
+def failures(tree: Path) -> list[str]:
+    """Node ids of the tests that fail or error in ``tree`` (the default suite, as ``make test`` runs it)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests"],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree / "src"), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    return sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, flags=re.M)))
+
+
+def check(name: str) -> bool:
+    """Run the suite without ``name``'s row; print and judge what failed."""
+    with tempfile.TemporaryDirectory(prefix=f"lorakit-no-{name}-") as tmp:
+        tree = Path(tmp)
+        listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+        files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True)
+        for path in files.stdout.splitlines():  # the working tree as git sees it: tracked and new files
+            source, copy = ROOT / path, tree / path
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():
+                copy.symlink_to(os.readlink(source))
+            elif source.is_file():
+                shutil.copy2(source, copy)
+        methods = tree / "src/lorakit/methods.py"
+        methods.write_text(drop_row(methods.read_text(), name))
+        failed = failures(tree)
+    words = ALIASES.get(name, (name,))
+    foreign = [node for node in failed if not any(w in node.lower() for w in words)]
+    print(f"without the {name!r} row: {len(failed)} tests fail, {len(foreign)} of them not {name}'s")
+    for node in foreign:
+        print(f"  not {name}'s: {node}")
+    if not failed:
+        print(f"  no test failed: {name} is not tested through its row")
+    return bool(failed) and not foreign
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from lorakit.methods import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    rows = [name for name in METHODS if name != "lora"]
+    parser.add_argument("names", nargs="*", help=f"rows to drop, one at a time (default: {', '.join(rows)})")
+    names = parser.parse_args().names or rows
+    results = [check(name) for name in names]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
