@@ -8,6 +8,7 @@ checkpoints -> adapter files + tokenizer + resolved recipe + metrics + loss curv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -23,7 +24,13 @@ from transformers import AutoTokenizer
 
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
-from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.checkpoint import (
+    clean_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
@@ -39,9 +46,11 @@ from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import MetricsLog, plot_metrics
 from lorakit.quantize import quantize_model
 from lorakit.recipe import Recipe, TrainSection
+from lorakit.run_lock import RunLock, is_lock_file
 
 RECIPE_NAME = "recipe.yaml"
 METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "train_summary.json"  # written last: its presence means the run finished
 
 
 class TrainingError(LorakitError, RuntimeError):
@@ -75,9 +84,14 @@ def _device() -> torch.device:
 
 
 def _check_output_dir(recipe: Recipe, resume: bool) -> Path:
-    """Refuse to write into a directory that holds something else, unless resuming or ``overwrite``."""
+    """Refuse to write into a directory that holds something else, unless resuming or ``overwrite``.
+
+    Half-written checkpoint folders are removed first. A run that stopped before its first checkpoint (killed,
+    a NaN, a failure) holds nothing worth keeping: a plain start takes its folder over.
+    """
     out = Path(recipe.output_dir)
-    if not out.exists() or not any(out.iterdir()):
+    clean_checkpoints(out / "checkpoints")
+    if not _entries(out):
         return out
     if resume:
         saved = out / RECIPE_NAME
@@ -86,14 +100,54 @@ def _check_output_dir(recipe: Recipe, resume: bool) -> Path:
                 f"{saved} differs from the recipe being resumed; resume with the same recipe and overrides"
             )
         return out
-    if recipe.overwrite:
-        shutil.rmtree(out)
+    never_checkpointed = (out / RECIPE_NAME).is_file() and not (out / SUMMARY_NAME).exists() and not (
+        list_checkpoints(out / "checkpoints")
+    )
+    if recipe.overwrite or never_checkpointed:
+        if never_checkpointed and not recipe.overwrite:
+            print(f"output_dir {out} holds a run that stopped before its first checkpoint: starting it over")
+        for entry in _entries(out):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         return out
     what = "another run" if (out / RECIPE_NAME).exists() else "files"
     raise TrainingError(
         f"output_dir {out} already holds {what}; nothing was overwritten. Use --resume to continue it, "
         "overwrite=true to replace it, or another output_dir"
     )
+
+
+def _entries(out: Path) -> list[Path]:
+    """What ``out`` holds besides the run's lock file."""
+    return [p for p in out.iterdir() if not is_lock_file(p)] if out.is_dir() else []
+
+
+def _finished_run(out: Path) -> TrainResult | None:
+    """The result of the finished run in ``out`` (its summary, written last), or None if it did not finish."""
+    try:
+        summary = json.loads((out / SUMMARY_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    fields = {f.name for f in dataclasses.fields(TrainResult)} - {"output_dir", "history"}
+    result = TrainResult(output_dir=out, **{k: v for k, v in summary.items() if k in fields})
+    loss = "n/a" if result.final_train_loss is None else f"{result.final_train_loss:.4f}"
+    print(f"{out} holds a finished run ({result.steps} steps, final train loss {loss}): nothing to resume, "
+          "nothing was changed")  # fmt: skip
+    return result
+
+
+def _owns_output_dir(function):
+    """Run ``function(recipe, ...)`` holding the exclusive lock of ``recipe.output_dir``
+    (:class:`lorakit.run_lock.RunLock`): two runs never write into one directory."""
+
+    @functools.wraps(function)
+    def locked(recipe: Recipe, *args, **kwargs):
+        with RunLock(recipe.output_dir):
+            return function(recipe, *args, **kwargs)
+
+    return locked
 
 
 def load_base(recipe: Recipe, quantize: bool = True):
@@ -232,8 +286,10 @@ class _Run:
     total_steps: int
 
 
+@_owns_output_dir
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
-    """Run a recipe to the end (or resume one) and write everything into ``recipe.output_dir``.
+    """Run a recipe to the end (or resume one) and write everything into ``recipe.output_dir``, which the run
+    holds locked (:mod:`lorakit.run_lock`). Resuming a finished run changes nothing and returns its summary.
 
     Args:
         recipe (Recipe): The validated recipe.
@@ -246,6 +302,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
 
     Raises:
         TrainingError: NaN/Inf loss (the last good checkpoint is kept) or an occupied output directory.
+        RunLockedError: Another process is training into ``output_dir``.
         ConfigError / DataError: Invalid recipe or data.
     """
     started = time.perf_counter()
@@ -253,12 +310,17 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     print(precision_header(recipe, resolved))
     recipe, cfg = resolved, resolved.train
     out = _start(recipe, resume)
+    if resume and (finished := _finished_run(out)) is not None:
+        return finished
     run = _setup(recipe, out)
     checkpoints = out / "checkpoints"
     state = _resume(run, checkpoints, resume) if resume else TrainState()
     result = TrainResult(output_dir=out, steps=run.total_steps, final_train_loss=None)
+    for entry in state.history:  # a run resumed at its last step (killed during the final writes) trains no more
+        result.final_train_loss = entry.get("loss", result.final_train_loss)
+        result.eval_loss = entry.get("eval_loss", result.eval_loss)
     rows = report_rows(recipe.data.val_path, cfg.eval_generate) if cfg.eval_generate else []  # exact match
-    if rows and not resume:
+    if rows and state.step == 0:
         result.before = exact_match_report(run.model, run.tokenizer, rows, cfg.max_new_tokens)
         if run.val_set is not None:
             result.before["eval_loss"] = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
@@ -358,16 +420,35 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
 
 
 def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
-    """Restore the newest checkpoint (``resume=True``) or the one at path ``resume``."""
+    """Restore the newest checkpoint (``resume=True``; none yet: start from step 0) or the one at path
+    ``resume``; ``metrics.jsonl`` is cut back to the restored step (the steps after it are trained again)."""
     source = (
         Path(resume) if isinstance(resume, (str, Path)) else (list_checkpoints(checkpoints) or [None])[-1]
     )
     if source is None:
-        raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume")
-    state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
-    run.scheduler.load_state_dict(state.scheduler)
-    print(f"resumed from {source} at step {state.step}")
+        print(f"--resume: no checkpoint in {checkpoints} yet: starting from step 0")
+        state = TrainState()
+    else:
+        state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
+        run.scheduler.load_state_dict(state.scheduler)
+        print(f"resumed from {source} at step {state.step}")
+    truncate_metrics(checkpoints.parent / METRICS_NAME, state.step)
     return state
+
+
+def truncate_metrics(metrics: Path, step: int) -> None:
+    """Keep the lines of ``metrics`` up to ``step`` (atomically); a torn last line is dropped too."""
+    if not metrics.is_file():
+        return
+    kept = []
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(metrics, "".join(kept).encode())
 
 
 def _next_micro_batches(
@@ -408,7 +489,8 @@ def _optimizer_step(
         raise TrainingError(
             f"the loss became {loss} at step {step}; training stopped"
             + (f" (the last good checkpoint is {last[-1]})" if last else "")
-            + ". Lower train.lr, check the data, or use precision=fp32"
+            + ". Lower train.lr or check the data"
+            + (", or use train.precision=fp32" if cfg.precision != "fp32" else "")
         )
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
@@ -474,7 +556,7 @@ def _finish(
         result.after["eval_loss"] = result.eval_loss
     result.seconds = time.perf_counter() - started
     summary = {k: v for k, v in vars(result).items() if k not in ("history", "output_dir")}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_bytes(out / SUMMARY_NAME, json.dumps(summary, indent=1, default=str).encode())
     return result
 
 

@@ -3,8 +3,10 @@
 The recipe and adapter subcommands (train, preprocess, generate, merge, inspect) are here; ``serve``, ``plan`` and
 ``env`` each have their own module beside this one.
 
-Every subcommand validates its input at the boundary; a :class:`~lorakit.errors.LorakitError` is printed as
-one clear line (``error: ...``) with exit status 2 instead of a traceback.
+Every subcommand validates its input at the boundary, and runs inside one error boundary
+(:mod:`lorakit.cli.boundary`): a :class:`~lorakit.errors.LorakitError` is printed as one clear line
+(``error: ...``) with exit status 2, any other failure as one line with status 1; the traceback only with
+``--debug`` or ``LORAKIT_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lorakit.cli import env, plan, serve
+from lorakit.cli.boundary import add_debug_flag, run_command
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
 
@@ -350,31 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     from lorakit import __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    add_debug_flag(parser, top_level=True)
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", help="run 'lorakit COMMAND --help' for its options"
     )
     for add, _ in COMMANDS.values():
-        add(sub)
+        command = add(sub)
+        if "--debug" not in command._option_string_actions:  # preprocess's --debug shows samples
+            add_debug_flag(command, top_level=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lorakit`` console script."""
-    from lorakit.errors import LorakitError
-
+    """Entry point of the ``lorakit`` console script: parse, then run the command inside the error boundary
+    (:func:`lorakit.cli.boundary.run_command`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return COMMANDS[args.command][1](args)
-    except LorakitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(COMMANDS[args.command][1], args)
 
 
 if __name__ == "__main__":
