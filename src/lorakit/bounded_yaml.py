@@ -36,6 +36,11 @@ def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} chars)"
 
 
+def cut(text: str, limit: int = 400) -> str:
+    """``text`` cut to about ``limit`` characters (for messages quoted from other libraries)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} chars)"
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` without aliases, with a depth limit and duplicate keys as errors."""
 
@@ -107,11 +112,11 @@ def load_yaml(text: str | bytes, source: str) -> Any:
     except ConfigError:
         raise
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: invalid YAML: {shown(str(err), 400)}") from None
+        raise ConfigError(f"{source}: invalid YAML: {cut(str(err), 400)}") from None
     except (ValueError, OverflowError, RecursionError) as err:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(f"{source}: invalid YAML value: {shown(str(err), 200)}") from None
+        raise ConfigError(f"{source}: invalid YAML value: {cut(str(err), 200)}") from None
     finally:
         loader.dispose()
 
 
-__all__ = ["MAX_YAML_BYTES", "MAX_YAML_DEPTH", "load_yaml", "shown"]
+__all__ = ["MAX_YAML_BYTES", "MAX_YAML_DEPTH", "cut", "load_yaml", "shown"]

@@ -8,11 +8,9 @@ checkpoints -> adapter files + tokenizer + resolved recipe + metrics + loss curv
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +18,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
-from lorakit.checkpoint import (
-    clean_checkpoints,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.data import DataError, load_dataset, make_collator
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError
 from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
 from lorakit.files import write_adapter_dir
 from lorakit.hardware import DTYPE_NAMES, bf16_report
@@ -41,20 +32,22 @@ from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
 from lorakit.loading import load_model
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.methods import TrainingHooks, method_of
+from lorakit.model_dir import check_model_dir, load_tokenizer
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import MetricsLog, plot_metrics
 from lorakit.quantize import quantize_model
 from lorakit.recipe import Recipe, TrainSection
-from lorakit.run_lock import RunLock, is_lock_file
-
-RECIPE_NAME = "recipe.yaml"
-METRICS_NAME = "metrics.jsonl"
-SUMMARY_NAME = "train_summary.json"  # written last: its presence means the run finished
-
-
-class TrainingError(LorakitError, RuntimeError):
-    """Training cannot go on (a NaN loss, an output directory that holds another run ...)."""
+from lorakit.run_dir import (
+    METRICS_NAME,
+    RECIPE_NAME,
+    SUMMARY_NAME,
+    TrainingError,
+    finished_summary,
+    owns_output_dir,
+    prepare_output_dir,
+    truncate_metrics,
+)
 
 
 @dataclass
@@ -73,6 +66,9 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+_SUMMARY_FIELDS = {f.name for f in dataclasses.fields(TrainResult)} - {"output_dir", "history"}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -81,73 +77,6 @@ def seed_everything(seed: int) -> None:
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _check_output_dir(recipe: Recipe, resume: bool) -> Path:
-    """Refuse to write into a directory that holds something else, unless resuming or ``overwrite``.
-
-    Half-written checkpoint folders are removed first. A run that stopped before its first checkpoint (killed,
-    a NaN, a failure) holds nothing worth keeping: a plain start takes its folder over.
-    """
-    out = Path(recipe.output_dir)
-    clean_checkpoints(out / "checkpoints")
-    if not _entries(out):
-        return out
-    if resume:
-        saved = out / RECIPE_NAME
-        if saved.is_file() and saved.read_text() != recipe.to_yaml():
-            raise TrainingError(
-                f"{saved} differs from the recipe being resumed; resume with the same recipe and overrides"
-            )
-        return out
-    never_checkpointed = (out / RECIPE_NAME).is_file() and not (out / SUMMARY_NAME).exists() and not (
-        list_checkpoints(out / "checkpoints")
-    )
-    if recipe.overwrite or never_checkpointed:
-        if never_checkpointed and not recipe.overwrite:
-            print(f"output_dir {out} holds a run that stopped before its first checkpoint: starting it over")
-        for entry in _entries(out):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        return out
-    what = "another run" if (out / RECIPE_NAME).exists() else "files"
-    raise TrainingError(
-        f"output_dir {out} already holds {what}; nothing was overwritten. Use --resume to continue it, "
-        "overwrite=true to replace it, or another output_dir"
-    )
-
-
-def _entries(out: Path) -> list[Path]:
-    """What ``out`` holds besides the run's lock file."""
-    return [p for p in out.iterdir() if not is_lock_file(p)] if out.is_dir() else []
-
-
-def _finished_run(out: Path) -> TrainResult | None:
-    """The result of the finished run in ``out`` (its summary, written last), or None if it did not finish."""
-    try:
-        summary = json.loads((out / SUMMARY_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    fields = {f.name for f in dataclasses.fields(TrainResult)} - {"output_dir", "history"}
-    result = TrainResult(output_dir=out, **{k: v for k, v in summary.items() if k in fields})
-    loss = "n/a" if result.final_train_loss is None else f"{result.final_train_loss:.4f}"
-    print(f"{out} holds a finished run ({result.steps} steps, final train loss {loss}): nothing to resume, "
-          "nothing was changed")  # fmt: skip
-    return result
-
-
-def _owns_output_dir(function):
-    """Run ``function(recipe, ...)`` holding the exclusive lock of ``recipe.output_dir``
-    (:class:`lorakit.run_lock.RunLock`): two runs never write into one directory."""
-
-    @functools.wraps(function)
-    def locked(recipe: Recipe, *args, **kwargs):
-        with RunLock(recipe.output_dir):
-            return function(recipe, *args, **kwargs)
-
-    return locked
 
 
 def load_base(recipe: Recipe, quantize: bool = True):
@@ -163,11 +92,8 @@ def load_base(recipe: Recipe, quantize: bool = True):
             "train.activation_offload=true offloads the inputs kept by gradient checkpointing; set "
             "model.gradient_checkpointing=true too, or train.activation_offload=false"
         )
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path: expected a Hugging Face model directory with config.json, got {path}")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=section.trust_remote_code
-    )
+    check_model_dir(path, section.trust_remote_code)  # before any work: config, model_type, tokenizer
+    tokenizer = load_tokenizer(path, section.trust_remote_code)
     model = load_model(
         path, quantize=section.quantize if quantize else None, double_quant=section.double_quant,
         blocksize=section.blocksize, compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),
@@ -286,7 +212,7 @@ class _Run:
     total_steps: int
 
 
-@_owns_output_dir
+@owns_output_dir
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
     """Run a recipe to the end (or resume one) and write everything into ``recipe.output_dir``, which the run
     holds locked (:mod:`lorakit.run_lock`). Resuming a finished run changes nothing and returns its summary.
@@ -310,8 +236,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     print(precision_header(recipe, resolved))
     recipe, cfg = resolved, resolved.train
     out = _start(recipe, resume)
-    if resume and (finished := _finished_run(out)) is not None:
-        return finished
+    if resume and (summary := finished_summary(out)) is not None:  # a finished run: nothing changes
+        return TrainResult(output_dir=out, **{k: v for k, v in summary.items() if k in _SUMMARY_FIELDS})
     run = _setup(recipe, out)
     checkpoints = out / "checkpoints"
     state = _resume(run, checkpoints, resume) if resume else TrainState()
@@ -372,7 +298,7 @@ def _start(recipe: Recipe, resume: str | bool | None) -> Path:
         _device().type == "cpu" and recipe.train.lean_cpu_heap
     ):  # freed tensors go back to the OS, at a cost in time
         return_freed_memory_to_os()
-    out = _check_output_dir(recipe, bool(resume))
+    out = prepare_output_dir(Path(recipe.output_dir), recipe.to_yaml(), bool(resume), recipe.overwrite)
     seed_everything(recipe.train.seed)
     return out
 
@@ -434,21 +360,6 @@ def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
         print(f"resumed from {source} at step {state.step}")
     truncate_metrics(checkpoints.parent / METRICS_NAME, state.step)
     return state
-
-
-def truncate_metrics(metrics: Path, step: int) -> None:
-    """Keep the lines of ``metrics`` up to ``step`` (atomically); a torn last line is dropped too."""
-    if not metrics.is_file():
-        return
-    kept = []
-    for line in metrics.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    atomic_write_bytes(metrics, "".join(kept).encode())
 
 
 def _next_micro_batches(

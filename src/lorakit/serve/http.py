@@ -444,14 +444,15 @@ class Server:
 
 
 def _load(config: ServeConfig):
-    from transformers import AutoTokenizer
-
     from lorakit.loading import load_model
+    from lorakit.model_dir import check_model_dir, load_tokenizer
 
+    check_model_dir(config.model_dir)  # config, model_type and tokenizer before any work
+    tokenizer = load_tokenizer(config.model_dir)
     model = load_model(
         config.model_dir, quantize=config.quantize, compute_dtype=config.dtype, device=config.device
     )
-    return model, AutoTokenizer.from_pretrained(config.model_dir)
+    return model, tokenizer
 
 
 def serve(model_dir: str, adapters: dict[str, str] | None = None, **options) -> Server:
