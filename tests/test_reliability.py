@@ -179,7 +179,9 @@ def test_broken_model_dirs_are_refused_before_any_work(workspace, tmp_path, name
 
 def test_bad_data_rows_are_bad_rows_not_tracebacks(workspace, tmp_path):
     text = json.dumps({"text": "a good row"})
-    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+    chat = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    )
     for name, rows in {"deep": [text, "[" * 100_000 + "]" * 100_000], "surrogate": [text, '{"text": "a \\ud800"}'],
                        "robot": [chat, chat.replace('"user"', '"robot"')]}.items():  # fmt: skip
         data = tmp_path / f"{name}.jsonl"

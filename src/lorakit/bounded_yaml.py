@@ -62,9 +62,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self.depth += 1
         try:
             if self.depth > MAX_YAML_DEPTH:
-                raise self._error(
-                    self.peek_event().start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels"
-                )
+                raise self._error(self.peek_event().start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels")
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
@@ -105,7 +103,9 @@ def load_yaml(text: str | bytes, source: str) -> Any:
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8"
+            ) from None
     loader = _BoundedLoader(text, source)
     try:
         return loader.get_single_data()

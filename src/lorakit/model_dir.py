@@ -32,7 +32,9 @@ def read_model_config(path: str | os.PathLike, trust_remote_code: bool = False) 
     path = Path(path)
     file = path / "config.json"
     if not path.is_dir():
-        raise AdapterFileError(f"model directory {path} not found (expected config.json, *.safetensors, tokenizer)")
+        raise AdapterFileError(
+            f"model directory {path} not found (expected config.json, *.safetensors, tokenizer)"
+        )
     if not file.is_file():
         raise AdapterFileError(f"{file} not found: expected a Hugging Face model directory")
     try:
@@ -50,7 +52,7 @@ def read_model_config(path: str | os.PathLike, trust_remote_code: bool = False) 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ConfigError(
-            f"{file}: model_type: expected the architecture's name (e.g. \"llama\"), got {shown(model_type)}"
+            f'{file}: model_type: expected the architecture\'s name (e.g. "llama"), got {shown(model_type)}'
         )
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -121,4 +123,10 @@ def check_model_dir(path: str | os.PathLike, trust_remote_code: bool = False, to
     return config
 
 
-__all__ = ["check_model_dir", "check_tokenizer_files", "load_model_config", "load_tokenizer", "read_model_config"]
+__all__ = [
+    "check_model_dir",
+    "check_tokenizer_files",
+    "load_model_config",
+    "load_tokenizer",
+    "read_model_config",
+]

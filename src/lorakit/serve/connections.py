@@ -152,7 +152,9 @@ def read_json_body(handler: BaseHTTPRequestHandler, limit: int) -> dict | None:
         raise HTTPError(400, "Content-Length is not a number", None, "invalid_header") from None
     if length > limit:
         handler.close_connection = True  # the unread body would be taken for the next request
-        raise HTTPError(413, f"request body is {length} bytes; the limit is {limit}", None, "request_too_large")
+        raise HTTPError(
+            413, f"request body is {length} bytes; the limit is {limit}", None, "request_too_large"
+        )
     if length <= 0:
         return None
     raw = handler.rfile.read(length)
@@ -163,7 +165,9 @@ def read_json_body(handler: BaseHTTPRequestHandler, limit: int) -> dict | None:
     try:
         body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as err:  # JSON, UTF-8, NaN, numbers past 4300 digits, deep nesting
-        raise HTTPError(400, f"request body is not valid JSON: {str(err)[:200]}", None, "invalid_json") from None
+        raise HTTPError(
+            400, f"request body is not valid JSON: {str(err)[:200]}", None, "invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise HTTPError(
             400, f"request body must be a JSON object, got {type(body).__name__}", None, "invalid_json"
