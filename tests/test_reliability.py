@@ -80,6 +80,11 @@ def test_alias_bombs_are_refused_fast_and_small(tmp_path):
 def test_yaml_limits_depth_duplicates_tags_and_echoed_values(tmp_path):
     with pytest.raises(ConfigError, match=f"deeper than {MAX_YAML_DEPTH}"):
         load_yaml("a: " + "[" * 5000 + "]" * 5000, "deep.yaml")
+    blocks = (
+        "".join(f"{'  ' * i}k{i}:\n" for i in range(MAX_YAML_DEPTH + 2)) + "  " * (MAX_YAML_DEPTH + 2) + "v\n"
+    )
+    with pytest.raises(ConfigError, match=f"line {MAX_YAML_DEPTH}: nested deeper than"):
+        load_yaml(blocks, "blocks.yaml")  # block nesting: no brackets, the composer counts the levels
     with pytest.raises(ConfigError, match=r"line 3: the key 'lr' appears twice \(first on line 2\)"):
         load_yaml("train:\n  lr: 1\n  lr: 2\n", "dup.yaml")
     with pytest.raises(ConfigError, match="invalid YAML"):

@@ -9,6 +9,7 @@ size and its nesting depth, and makes a repeated key an error naming both lines.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -18,6 +19,7 @@ from lorakit.errors import ConfigError
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; 1 MiB leaves room for long target lists
 MAX_YAML_DEPTH = 32  # a recipe nests 3 levels (section, key, list or mapping)
 SHOWN_CHARS = 80  # the longest value echoed in an error message
+_OPENERS = re.compile(r"(?:[\[{]\s*){" + str(MAX_YAML_DEPTH + 1) + "}")  # that many flow openers in a row
 
 
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
@@ -106,6 +108,8 @@ def load_yaml(text: str | bytes, source: str) -> Any:
             raise ConfigError(
                 f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8"
             ) from None
+    if _OPENERS.search(text):  # cheap first: PyYAML scans a whole flow collection before composing it
+        raise ConfigError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels")
     loader = _BoundedLoader(text, source)
     try:
         return loader.get_single_data()
