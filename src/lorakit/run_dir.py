@@ -4,7 +4,8 @@
 * A plain start refuses a directory that holds another run or other files (unless ``overwrite``), but takes over
   one whose run stopped before its first checkpoint (killed, a NaN, a failure): nothing there is worth keeping.
 * Half-written checkpoint folders are removed first (:func:`lorakit.checkpoint.clean_checkpoints`).
-* ``train_summary.json`` is written last, so its presence means the run finished: a resume then changes nothing.
+* ``train_summary.json`` is written last, so its presence means the run finished: a resume from the newest
+  checkpoint then changes nothing (a resume from a named older checkpoint trains again from there).
 * ``metrics.jsonl`` is cut back to the step a resume restarts from, so no step is logged twice.
 """
 
@@ -98,6 +99,13 @@ def finished_summary(out: Path) -> dict[str, Any] | None:
     return summary
 
 
+def reopen_run(out: Path, step: int) -> None:
+    """A run resumed at ``step``: ``metrics.jsonl`` cut back to it (the later steps are trained again) and the
+    summary of an earlier finish removed (a resume from an older checkpoint writes a new one at its end)."""
+    truncate_metrics(out / METRICS_NAME, step)
+    (out / SUMMARY_NAME).unlink(missing_ok=True)
+
+
 def truncate_metrics(metrics: Path, step: int) -> None:
     """Keep the lines of ``metrics`` up to ``step`` (atomically); a torn last line is dropped too."""
     if not metrics.is_file():
@@ -115,5 +123,5 @@ def truncate_metrics(metrics: Path, step: int) -> None:
 
 __all__ = [
     "METRICS_NAME", "RECIPE_NAME", "SUMMARY_NAME", "TrainingError", "entries", "finished_summary",
-    "owns_output_dir", "prepare_output_dir", "truncate_metrics",
+    "owns_output_dir", "prepare_output_dir", "reopen_run", "truncate_metrics",
 ]  # fmt: skip

@@ -46,7 +46,7 @@ from lorakit.run_dir import (
     finished_summary,
     owns_output_dir,
     prepare_output_dir,
-    truncate_metrics,
+    reopen_run,
 )
 
 
@@ -236,7 +236,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     print(precision_header(recipe, resolved))
     recipe, cfg = resolved, resolved.train
     out = _start(recipe, resume)
-    if resume and (summary := finished_summary(out)) is not None:  # a finished run: nothing changes
+    if resume is True and (summary := finished_summary(out)) is not None:  # finished: nothing changes
         return TrainResult(output_dir=out, **{k: v for k, v in summary.items() if k in _SUMMARY_FIELDS})
     run = _setup(recipe, out)
     checkpoints = out / "checkpoints"
@@ -347,7 +347,7 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
 
 def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
     """Restore the newest checkpoint (``resume=True``; none yet: start from step 0) or the one at path
-    ``resume``; ``metrics.jsonl`` is cut back to the restored step (the steps after it are trained again)."""
+    ``resume``; the run's files are reopened at that step (:func:`lorakit.run_dir.reopen_run`)."""
     source = (
         Path(resume) if isinstance(resume, (str, Path)) else (list_checkpoints(checkpoints) or [None])[-1]
     )
@@ -358,7 +358,7 @@ def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
         state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
         run.scheduler.load_state_dict(state.scheduler)
         print(f"resumed from {source} at step {state.step}")
-    truncate_metrics(checkpoints.parent / METRICS_NAME, state.step)
+    reopen_run(checkpoints.parent, state.step)
     return state
 
 
