@@ -87,7 +87,7 @@ class ModelSection:
             raise _fail("model", "quantize", "nf4, fp4 or null", self.quantize)
         if self.compute_dtype not in DTYPES:
             raise _fail("model", "compute_dtype", f"one of {', '.join(DTYPES)}", self.compute_dtype)
-        if not _is_int(self.blocksize) or self.blocksize < 32 or self.blocksize & (self.blocksize - 1):
+        if not _is_int(self.blocksize) or not 32 <= self.blocksize <= 4096 or self.blocksize & (self.blocksize - 1):
             raise _fail("model", "blocksize", "a power of two from 32 to 4096", self.blocksize)
         for name in ("double_quant", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
@@ -190,8 +190,10 @@ class TrainSection:
         ):
             if getattr(self, name) not in choices:
                 raise _fail("train", name, f"one of {', '.join(choices)}", getattr(self, name))
-        if not _is_int(self.seed):
-            raise _fail("train", "seed", "an integer", self.seed)
+        if not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64:
+            raise _fail("train", "seed", "a 64-bit integer", self.seed)
+        if self.max_new_tokens > 1 << 16:
+            raise _fail("train", "max_new_tokens", "at most 65536", self.max_new_tokens)
         for name in ("tensorboard", "chunked_loss", "activation_offload", "lean_cpu_heap"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail("train", name, "true or false", getattr(self, name))
