@@ -1,6 +1,6 @@
 """SIGKILL at any moment, then ``--resume``: the run ends with the uninterrupted run's final loss and adapter
-(docs/reliability.md). A kill before the first checkpoint, mid-run and during the final writes, in one chain of
-runs on one folder; the slow version kills 20 times at seeded random moments."""
+(docs/reliability.md). A kill before the first checkpoint and one during the final writes, in one chain of runs on
+one folder (tests/test_train.py kills mid-run); the slow version kills 20 times at seeded random moments."""
 
 from __future__ import annotations
 
@@ -79,18 +79,17 @@ def _finish_and_compare(workspace: Path, out: Path, reference) -> None:
     assert len(evals) == len(set(evals))
 
 
-def test_kills_before_the_first_checkpoint_mid_run_and_during_the_final_writes(
+def test_kills_before_the_first_checkpoint_and_during_the_final_writes(
     workspace, reference, tmp_path
 ):
     out = tmp_path / "run"
     moments = [
         lambda: (out / "recipe.yaml").exists(),  # model and data loaded, no checkpoint yet
-        lambda: (out / "checkpoints" / "step-000006").exists(),  # mid-run
         lambda: (out / "adapter_model.safetensors").exists(),  # the final writes have begun
     ]
     for i, ready in enumerate(moments):
         _kill_when(_start(workspace, out, resume=i > 0), ready)
-        assert not (out / "train_summary.json").exists() or i == 2
+        assert not (out / "train_summary.json").exists() or i == 1
     _finish_and_compare(workspace, out, reference)
 
 
