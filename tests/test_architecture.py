@@ -16,7 +16,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "errors", "config", "files", "quant", "quant.fast", "quant.nf4", "quant.linear4bit", "optim",
         "optim.adamw8bit", "optim.paged", "optim.factory", "optim.loraplus", "data", "data.cache", "data.collate",
         "data.config", "data.dataset", "data.encode", "data.formats", "loss", "presets", "plot", "activations",
-        "hardware",
+        "hardware", "bounded_yaml", "run_lock", "model_dir",
     ),
     1: (  # layers: one file per method, each an nn.Module wrapping its base layer
         "adapters", "adapters.base", "adapters.lora", "adapters.dora", "adapters.mixed", "adapters.adalora",
@@ -28,8 +28,8 @@ FLOORS: dict[int, tuple[str, ...]] = {
     ),
     3: ("compress", "io", "checkpoint", "inspect"),  # files: adapters and checkpoints on disk
     4: (  # runs: recipes, training, inference, serving, planning, the CLI (and the deprecated names)
-        "", "adapter_section", "recipe", "train", "evaluate", "generate", "plan", "plan_terms", "serve", "serve.batch", "serve.engine",
-        "serve.http", "serve.openai", "cli", "cli.__main__", "cli.env", "cli.plan", "cli.serve", "variants", "variants_io",
+        "", "adapter_section", "recipe", "run_dir", "train", "evaluate", "generate", "plan", "plan_terms", "serve", "serve.batch", "serve.engine",
+        "serve.http", "serve.openai", "serve.connections", "cli", "cli.__main__", "cli.env", "cli.plan", "cli.serve", "cli.boundary", "variants", "variants_io",
         "quickstart",
     ),
 }  # fmt: skip

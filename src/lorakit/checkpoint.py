@@ -24,7 +24,13 @@ from torch import nn
 
 from lorakit.adapters.rank_allocator import AdaLoraController
 from lorakit.errors import AdapterFileError
-from lorakit.files import atomic_save_safetensors, read_adapter_weights
+from lorakit.files import (
+    CONFIG_NAME,
+    INT8_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    atomic_save_safetensors,
+    read_adapter_weights,
+)
 from lorakit.io import save_adapter
 from lorakit.methods import AdaLoraTraining, TrainingHooks
 from lorakit.walk import adapter_state_dict
@@ -176,16 +182,51 @@ def load_checkpoint(
     return state
 
 
+def _step_of(path: Path) -> int | None:
+    number = path.name.removeprefix("step-")
+    return int(number) if path.name.startswith("step-") and number.isdigit() else None
+
+
+def _is_complete(path: Path) -> bool:
+    """Every file a checkpoint is written with is there (a folder half-deleted by a killed prune is not)."""
+    names = (STATE_NAME, OPTIMIZER_TENSORS, RNG_TENSORS, CONFIG_NAME)
+    return all((path / name).is_file() for name in names) and (
+        (path / WEIGHTS_NAME).is_file() or (path / INT8_WEIGHTS_NAME).is_file()
+    )
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``root`` (``step-*`` directories), oldest first."""
+    """Complete checkpoints under ``root`` (``step-*`` directories with all their files), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.glob("step-*") if _step_of(p) is not None and _is_complete(p)]
+    return sorted(found, key=_step_of)
+
+
+def clean_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Remove what a killed run left half-written under ``root``: temporary (``.tmp-``), replaced (``.old-``)
+    and half-deleted (``.del-``) folders, and ``step-*`` folders missing a file. Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.iterdir():
+        partial = path.name.startswith((".tmp-", ".old-", ".del-"))
+        if partial or (path.name.startswith("step-") and not _is_complete(path)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints."""
+    """Delete all but the newest ``keep_last`` checkpoints; each is first renamed to ``.del-step-*``, so a kill
+    during the deletion never leaves a ``step-*`` folder with some of its files."""
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".del-{old.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)

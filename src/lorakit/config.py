@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.bounded_yaml import shown
 from lorakit.errors import ConfigError
 
 # Named target presets. Each entry lists module-name suffixes for the architectures we know (Llama, Mistral,
@@ -32,6 +33,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 ALL_LINEAR = "all-linear"
+MAX_RANK = 1 << 16  # far above any useful rank; a larger one is a typo that would try to allocate it
 
 # Fields of PEFT's LoraConfig that lorakit writes to every adapter_config.json. Newer PEFT fields are written
 # only when they differ from PEFT's default, so older PEFT releases (which reject unknown keys) still load
@@ -119,7 +121,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0):
-            raise field_error("LoraConfig", "r", f" must be a positive integer, got {self.r!r}")
+            raise field_error("LoraConfig", "r", f" must be a positive integer, got {shown(self.r)}")
+        if self.r > MAX_RANK:
+            raise field_error("LoraConfig", "r", f" must be at most {MAX_RANK}, got {shown(self.r)}")
         if not _is_positive_number(self.lora_alpha):
             raise field_error(
                 "LoraConfig", "lora_alpha", f" must be a positive number, got {self.lora_alpha!r}"
@@ -144,10 +148,12 @@ class LoraConfig:
                 "(bias='none'); train a bias with modules_to_save instead",
             )
         check_target_fields(self, "LoraConfig")
+        for name in ("rank_pattern", "alpha_pattern"):
+            _check_patterns("LoraConfig", name, getattr(self, name))
         for key, value in self.rank_pattern.items():
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RANK):
                 raise field_error(
-                    "LoraConfig", "rank_pattern", f"[{key!r}] must be a positive integer, got {value!r}"
+                    "LoraConfig", "rank_pattern", f"[{key!r}] must be an integer in 1..{MAX_RANK}, got {shown(value)}"
                 )
         for key, value in self.alpha_pattern.items():
             if not _is_positive_number(value):
@@ -282,6 +288,14 @@ def _names(owner: str, name: str, value: Any) -> list[str] | str | None:
         # Sets (as PEFT writes them in memory) are sorted so files and comparisons are deterministic.
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     raise field_error(owner, name, f" must be a string or a list of strings, got {value!r}")
+
+
+def _check_patterns(owner: str, name: str, patterns: Any) -> None:
+    """``rank_pattern`` / ``alpha_pattern``: a mapping from module regexes (valid ones) to values."""
+    if not isinstance(patterns, dict) or not all(isinstance(k, str) for k in patterns):
+        raise field_error(owner, name, f" must be a mapping of module-name regex -> value, got {shown(patterns)}")
+    for key in patterns:
+        _check_regex(owner, name, key)
 
 
 def _check_regex(owner: str, name: str, pattern: str) -> None:

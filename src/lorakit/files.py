@@ -121,9 +121,21 @@ def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
         raise AdapterFileError(f"{weights_path} not found{hint}")
     try:
-        return load_file(str(weights_path))
+        weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
+    return _floating(weights, weights_path)
+
+
+def _floating(weights: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """``weights``, if every tensor is floating point (an adapter's are; integer ones would be cast silently)."""
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise AdapterFileError(
+                f"{file}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}; adapter weights are "
+                "floating point (float32, bfloat16 or float16)"
+            )
+    return weights
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -165,7 +177,7 @@ def read_int8_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"({tensor.shape[0]},), got {None if scale is None else tuple(scale.shape)}"
             )
         weights[key] = dequantize_rows(tensor, scale)
-    return weights
+    return _floating(weights, file)
 
 
 def resolve_adapter_path(root: str | Path | None, path: str) -> Path:

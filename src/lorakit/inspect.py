@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lorakit.checkpoint import list_checkpoints
 from lorakit.errors import AdapterFileError
 from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_weights
 from lorakit.methods import Method, method_for_file
@@ -80,12 +81,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         )
     if (path / "recipe.yaml").is_file():
         info["kind"] = "run"
-        checkpoints = (
-            sorted(p.name for p in (path / "checkpoints").glob("step-*"))
-            if (path / "checkpoints").is_dir()
-            else []
-        )
-        info["checkpoints"] = checkpoints
+        info["checkpoints"] = [p.name for p in list_checkpoints(path / "checkpoints")]  # complete ones only
         summary = path / "train_summary.json"
         if summary.is_file():
             data = json.loads(summary.read_text())

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
 from lorakit.hardware import DTYPE_NAMES, resolve_dtype
+from lorakit.model_dir import load_model_config
 from lorakit.quant import QUANT_TYPES, Linear4bit
 from lorakit.quantize import quantizable_paths
 from lorakit.targets import head_module_path, in_head
@@ -70,25 +73,24 @@ def stream_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Ten
     """Yield ``(name, tensor)`` from a safetensors file one tensor at a time, with plain reads.
 
     Raises:
-        AdapterFileError: The file is truncated or its header is not valid.
+        AdapterFileError: The file is truncated or its header is not valid (sizes, offsets, shapes and dtypes
+            are checked against the file before anything is allocated).
     """
     file = Path(file)
+    size = file.stat().st_size
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) != 8:
             raise AdapterFileError(f"{file} is not a safetensors file (too short)")
         (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise AdapterFileError(f"{file} has a corrupt safetensors header: {header_len} bytes long")
         try:
             header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:
             raise AdapterFileError(f"{file} has a corrupt safetensors header: {err}") from None
-        header.pop("__metadata__", None)
         base = 8 + header_len
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            start, stop = info["data_offsets"]
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise AdapterFileError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        for name, (start, stop, dtype, shape) in _header_entries(file, header, size - base):
             buffer = bytearray(stop - start)
             handle.seek(base + start)
             if handle.readinto(buffer) != len(buffer):
@@ -96,7 +98,30 @@ def stream_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Ten
             tensor = (
                 torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
             )
-            yield name, tensor.view(dtype).reshape(info["shape"])
+            yield name, tensor.view(dtype).reshape(shape)
+
+
+def _header_entries(file: Path, header: Any, data_bytes: int) -> list[tuple[str, tuple]]:
+    """The tensors a safetensors header lists, ``(name, (start, stop, dtype, shape))`` in file order, each
+    checked: known dtype, offsets inside the data, ``prod(shape) * itemsize == stop - start``."""
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{file} has a corrupt safetensors header: not a JSON object")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            shape, dtype = [int(n) for n in info["shape"]], _DTYPES.get(info["dtype"])
+            ok = isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= data_bytes
+        except (TypeError, KeyError, ValueError):
+            raise AdapterFileError(f"{file}: tensor {name!r} has a corrupt header entry") from None
+        if dtype is None:
+            raise AdapterFileError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']!r:.40}")
+        if not ok or min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize != stop - start:
+            raise AdapterFileError(f"{file}: tensor {name!r}: shape {shape} and offsets do not fit the file")
+        entries.append((name, (start, stop, dtype, shape)))
+    return sorted(entries, key=lambda entry: entry[1][0])
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -166,10 +191,8 @@ def load_model(
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ConfigError(f"quantize: expected one of {', '.join(QUANT_TYPES)} or None, got {quantize!r}")
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise AdapterFileError(f"{path / 'config.json'} not found: expected a Hugging Face model directory")
+    config = load_model_config(path, trust_remote_code)  # readable, known model_type (lorakit.model_dir)
     files = weight_files(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     cls = model_class or AutoModelForCausalLM
     device = torch.device(device)
     compute_dtype = resolve_dtype(compute_dtype, device)
@@ -200,12 +223,17 @@ def _stream_into(
     ``targets`` read before their weight, kept across the files of a sharded checkpoint.
     """
     quantize, double_quant, compute_dtype, blocksize, device = settings
-    expected = set(model.state_dict().keys())
+    expected = {key: value.shape for key, value in model.state_dict().items()}
     prefix = f"{model.base_model_prefix}."
     for name, tensor in stream_safetensors(file):
         key = name if name in expected else prefix + name if prefix + name in expected else None
         if key is None:
             continue  # checkpoint extras (e.g. old rotary buffers) that the model does not use
+        if tensor.shape != expected[key]:  # weights of another config: refuse before computing nonsense
+            raise AdapterFileError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json makes it "
+                f"{tuple(expected[key])}; the weights and config.json are of different models"
+            )
         module_path, _, leaf = key.rpartition(".")
         if module_path in targets:
             if leaf == "weight":

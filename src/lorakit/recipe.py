@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lorakit.adapter_section import AdapterSection
+from lorakit.bounded_yaml import MAX_YAML_BYTES, load_yaml, shown
 from lorakit.data import DataConfig
 from lorakit.errors import ConfigError
 from lorakit.hardware import DTYPE_CHOICES, PRECISIONS, resolve_dtype, resolve_precision
@@ -38,7 +39,7 @@ DTYPES = DTYPE_CHOICES  # "auto" and the dtype names (lorakit.hardware)
 
 
 def _fail(section: str, name: str, expected: str, got: Any) -> ConfigError:
-    return ConfigError(f"{section}.{name}: expected {expected}, got {got!r}")
+    return ConfigError(f"{section}.{name}: expected {expected}, got {shown(got)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -86,7 +87,7 @@ class ModelSection:
             raise _fail("model", "quantize", "nf4, fp4 or null", self.quantize)
         if self.compute_dtype not in DTYPES:
             raise _fail("model", "compute_dtype", f"one of {', '.join(DTYPES)}", self.compute_dtype)
-        if not _is_int(self.blocksize) or self.blocksize < 32 or self.blocksize & (self.blocksize - 1):
+        if not _is_int(self.blocksize) or not 32 <= self.blocksize <= 4096 or self.blocksize & (self.blocksize - 1):
             raise _fail("model", "blocksize", "a power of two from 32 to 4096", self.blocksize)
         for name in ("double_quant", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
@@ -189,8 +190,10 @@ class TrainSection:
         ):
             if getattr(self, name) not in choices:
                 raise _fail("train", name, f"one of {', '.join(choices)}", getattr(self, name))
-        if not _is_int(self.seed):
-            raise _fail("train", "seed", "an integer", self.seed)
+        if not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64:
+            raise _fail("train", "seed", "a 64-bit integer", self.seed)
+        if self.max_new_tokens > 1 << 16:
+            raise _fail("train", "max_new_tokens", "at most 65536", self.max_new_tokens)
         for name in ("tensorboard", "chunked_loss", "activation_offload", "lean_cpu_heap"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail("train", name, "true or false", getattr(self, name))
@@ -292,16 +295,16 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     for key in data:
         if key not in _TOP_LEVEL:
-            raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, sorted(_TOP_LEVEL))}")
+            raise ConfigError(f"{source}: unknown key {shown(key)}{_suggest(str(key), sorted(_TOP_LEVEL))}")
     sections = {}
     for name, cls in _SECTIONS.items():
         values = data.get(name) or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {shown(values)}")
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in valid:
-                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(key, valid)}")
+                raise ConfigError(f"{source}: unknown key {shown(f'{name}.{key}')}{_suggest(str(key), valid)}")
         values = _coerce_numbers(cls, values)
         if name == "data":
             values = {"path": BUNDLED_PREFIX + "data/train.jsonl", **values}
@@ -318,9 +321,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     output_dir = data.get("output_dir", "runs/quickstart")
     overwrite = data.get("overwrite", False)
     if not isinstance(output_dir, str) or not output_dir:
-        raise ConfigError(f"{source}: output_dir: expected a directory path, got {output_dir!r}")
+        raise ConfigError(f"{source}: output_dir: expected a directory path, got {shown(output_dir)}")
     if not isinstance(overwrite, bool):
-        raise ConfigError(f"{source}: overwrite: expected true or false, got {overwrite!r}")
+        raise ConfigError(f"{source}: overwrite: expected true or false, got {shown(overwrite)}")
     if (
         sections["train"].loraplus_ratio is not None
         and not METHOD_TABLE[sections["adapter"].method].lora_factors
@@ -334,49 +337,81 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to nested plain data; values are parsed as YAML scalars.
+    """Apply ``section.key=value`` strings to nested plain data; values are parsed as YAML scalars (or flow
+    lists and mappings), with the limits of :func:`lorakit.bounded_yaml.load_yaml` (no aliases, depth, size).
 
     Raises:
-        ConfigError: An override without ``=`` or with an unknown key (with the closest valid one).
+        ConfigError: An override without ``=``, with an unknown key (with the closest valid one), or a value
+            that is not valid YAML.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe: expected a mapping of sections, got {shown(data)}")
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=2e-4")
-        value = yaml.safe_load(raw) if raw != "" else None
+            raise ConfigError(f"override {shown(item)}: expected key=value, e.g. train.lr=2e-4")
+        value = load_yaml(raw, f"override {shown(item, 60)}") if raw != "" else None
         parts = key.split(".")
         if len(parts) == 1:
             if key not in _TOP_LEVEL or key in _SECTIONS:
                 raise ConfigError(
-                    f"override {item!r}: unknown key {key!r}{_suggest(key, sorted(_TOP_LEVEL))}"
+                    f"override {shown(item)}: unknown key {shown(key)}{_suggest(key, sorted(_TOP_LEVEL))}"
                 )
             data[key] = value
             continue
         if len(parts) != 2 or parts[0] not in _SECTIONS:
             raise ConfigError(
-                f"override {item!r}: expected section.key with section one of {', '.join(_SECTIONS)}"
+                f"override {shown(item)}: expected section.key with section one of {', '.join(_SECTIONS)}"
                 + (_suggest(parts[0], list(_SECTIONS)) if parts[0] not in _SECTIONS else "")
             )
         section, name = parts
         valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
         if name not in valid:
-            raise ConfigError(f"override {item!r}: unknown key '{section}.{name}'{_suggest(name, valid)}")
-        data.setdefault(section, {})
-        data[section] = {**(data[section] or {}), name: value}
+            raise ConfigError(
+                f"override {shown(item)}: unknown key {shown(f'{section}.{name}')}{_suggest(name, valid)}"
+            )
+        if not isinstance(data.get(section) or {}, dict):
+            raise ConfigError(f"recipe: section {section!r} must be a mapping, got {shown(data[section])}")
+        data[section] = {**(data.get(section) or {}), name: value}
+    return data
+
+
+def _read_recipe_file(file: Path) -> dict[str, Any]:
+    """A recipe file's data: a non-empty mapping (bounded YAML, :mod:`lorakit.bounded_yaml`)."""
+    try:
+        with open(file, "rb") as handle:
+            text = handle.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"recipe file {file}: cannot read it: {err.strerror}") from None
+    data = load_yaml(text, str(file))
+    if data is None:
+        raise ConfigError(
+            f"{file} is empty: a recipe names at least model.path (run `lorakit train` with no recipe for "
+            "the bundled quickstart)"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{file}: expected a mapping of sections (model, adapter, data, train, output_dir), got a "
+            f"{type(data).__name__}: {shown(data)}"
+        )
     return data
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML file (None: the bundled quickstart) and apply dotted overrides.
 
+    A recipe file must name ``model.path`` (in the file or an override): no run silently trains the bundled
+    model. Only ``path=None`` (``lorakit train`` with no recipe) means the quickstart.
+
     Raises:
-        ConfigError: Missing or unreadable file, invalid YAML, unknown keys or invalid values.
+        ConfigError: Missing, unreadable, empty or invalid file (YAML limits: :mod:`lorakit.bounded_yaml`),
+            no ``model.path``, unknown keys or invalid values.
     """
     source = "quickstart recipe"
     data: dict[str, Any] = {}
     if path is None and (QUICKSTART_DIR / "recipe.yaml").is_file():
-        data = yaml.safe_load((QUICKSTART_DIR / "recipe.yaml").read_text()) or {}
+        data = _read_recipe_file(QUICKSTART_DIR / "recipe.yaml")
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -384,10 +419,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             if bundled.is_file():
                 file = bundled
             else:
-                raise ConfigError(f"recipe file {path} not found")
+                raise ConfigError(f"recipe file {shown(str(path), 200)} not found")
         source = str(file)
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file}: invalid YAML: {err}") from None
-    return recipe_from_dict(apply_overrides(data, overrides or []), source=source)
+        data = _read_recipe_file(file)
+    data = apply_overrides(data, overrides or [])
+    recipe = recipe_from_dict(data, source=source)
+    if path is not None and not (data.get("model") or {}).get("path"):
+        raise ConfigError(
+            f"{source}: model.path is required (a Hugging Face model directory); add it to the recipe or "
+            "pass model.path=DIR"
+        )
+    return recipe

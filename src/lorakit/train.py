@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.data import DataError, load_dataset, make_collator
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError
 from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
 from lorakit.files import write_adapter_dir
 from lorakit.hardware import DTYPE_NAMES, bf16_report
@@ -34,18 +32,22 @@ from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
 from lorakit.loading import load_model
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.methods import TrainingHooks, method_of
+from lorakit.model_dir import check_model_dir, load_tokenizer
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import MetricsLog, plot_metrics
 from lorakit.quantize import quantize_model
 from lorakit.recipe import Recipe, TrainSection
-
-RECIPE_NAME = "recipe.yaml"
-METRICS_NAME = "metrics.jsonl"
-
-
-class TrainingError(LorakitError, RuntimeError):
-    """Training cannot go on (a NaN loss, an output directory that holds another run ...)."""
+from lorakit.run_dir import (
+    METRICS_NAME,
+    RECIPE_NAME,
+    SUMMARY_NAME,
+    TrainingError,
+    finished_summary,
+    owns_output_dir,
+    prepare_output_dir,
+    reopen_run,
+)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+_SUMMARY_FIELDS = {f.name for f in dataclasses.fields(TrainResult)} - {"output_dir", "history"}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -72,28 +77,6 @@ def seed_everything(seed: int) -> None:
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _check_output_dir(recipe: Recipe, resume: bool) -> Path:
-    """Refuse to write into a directory that holds something else, unless resuming or ``overwrite``."""
-    out = Path(recipe.output_dir)
-    if not out.exists() or not any(out.iterdir()):
-        return out
-    if resume:
-        saved = out / RECIPE_NAME
-        if saved.is_file() and saved.read_text() != recipe.to_yaml():
-            raise TrainingError(
-                f"{saved} differs from the recipe being resumed; resume with the same recipe and overrides"
-            )
-        return out
-    if recipe.overwrite:
-        shutil.rmtree(out)
-        return out
-    what = "another run" if (out / RECIPE_NAME).exists() else "files"
-    raise TrainingError(
-        f"output_dir {out} already holds {what}; nothing was overwritten. Use --resume to continue it, "
-        "overwrite=true to replace it, or another output_dir"
-    )
 
 
 def load_base(recipe: Recipe, quantize: bool = True):
@@ -109,11 +92,8 @@ def load_base(recipe: Recipe, quantize: bool = True):
             "train.activation_offload=true offloads the inputs kept by gradient checkpointing; set "
             "model.gradient_checkpointing=true too, or train.activation_offload=false"
         )
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path: expected a Hugging Face model directory with config.json, got {path}")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=section.trust_remote_code
-    )
+    check_model_dir(path, section.trust_remote_code)  # before any work: config, model_type, tokenizer
+    tokenizer = load_tokenizer(path, section.trust_remote_code)
     model = load_model(
         path, quantize=section.quantize if quantize else None, double_quant=section.double_quant,
         blocksize=section.blocksize, compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),
@@ -232,8 +212,10 @@ class _Run:
     total_steps: int
 
 
+@owns_output_dir
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
-    """Run a recipe to the end (or resume one) and write everything into ``recipe.output_dir``.
+    """Run a recipe to the end (or resume one) and write everything into ``recipe.output_dir``, which the run
+    holds locked (:mod:`lorakit.run_lock`). Resuming a finished run changes nothing and returns its summary.
 
     Args:
         recipe (Recipe): The validated recipe.
@@ -246,6 +228,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
 
     Raises:
         TrainingError: NaN/Inf loss (the last good checkpoint is kept) or an occupied output directory.
+        RunLockedError: Another process is training into ``output_dir``.
         ConfigError / DataError: Invalid recipe or data.
     """
     started = time.perf_counter()
@@ -253,12 +236,17 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     print(precision_header(recipe, resolved))
     recipe, cfg = resolved, resolved.train
     out = _start(recipe, resume)
+    if resume is True and (summary := finished_summary(out)) is not None:  # finished: nothing changes
+        return TrainResult(output_dir=out, **{k: v for k, v in summary.items() if k in _SUMMARY_FIELDS})
     run = _setup(recipe, out)
     checkpoints = out / "checkpoints"
     state = _resume(run, checkpoints, resume) if resume else TrainState()
     result = TrainResult(output_dir=out, steps=run.total_steps, final_train_loss=None)
+    for entry in state.history:  # a run resumed at its last step (killed during the final writes) trains no more
+        result.final_train_loss = entry.get("loss", result.final_train_loss)
+        result.eval_loss = entry.get("eval_loss", result.eval_loss)
     rows = report_rows(recipe.data.val_path, cfg.eval_generate) if cfg.eval_generate else []  # exact match
-    if rows and not resume:
+    if rows and state.step == 0:
         result.before = exact_match_report(run.model, run.tokenizer, rows, cfg.max_new_tokens)
         if run.val_set is not None:
             result.before["eval_loss"] = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
@@ -310,7 +298,7 @@ def _start(recipe: Recipe, resume: str | bool | None) -> Path:
         _device().type == "cpu" and recipe.train.lean_cpu_heap
     ):  # freed tensors go back to the OS, at a cost in time
         return_freed_memory_to_os()
-    out = _check_output_dir(recipe, bool(resume))
+    out = prepare_output_dir(Path(recipe.output_dir), recipe.to_yaml(), bool(resume), recipe.overwrite)
     seed_everything(recipe.train.seed)
     return out
 
@@ -358,15 +346,19 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
 
 
 def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
-    """Restore the newest checkpoint (``resume=True``) or the one at path ``resume``."""
+    """Restore the newest checkpoint (``resume=True``; none yet: start from step 0) or the one at path
+    ``resume``; the run's files are reopened at that step (:func:`lorakit.run_dir.reopen_run`)."""
     source = (
         Path(resume) if isinstance(resume, (str, Path)) else (list_checkpoints(checkpoints) or [None])[-1]
     )
     if source is None:
-        raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume")
-    state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
-    run.scheduler.load_state_dict(state.scheduler)
-    print(f"resumed from {source} at step {state.step}")
+        print(f"--resume: no checkpoint in {checkpoints} yet: starting from step 0")
+        state = TrainState()
+    else:
+        state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
+        run.scheduler.load_state_dict(state.scheduler)
+        print(f"resumed from {source} at step {state.step}")
+    reopen_run(checkpoints.parent, state.step)
     return state
 
 
@@ -408,7 +400,8 @@ def _optimizer_step(
         raise TrainingError(
             f"the loss became {loss} at step {step}; training stopped"
             + (f" (the last good checkpoint is {last[-1]})" if last else "")
-            + ". Lower train.lr, check the data, or use precision=fp32"
+            + ". Lower train.lr or check the data"
+            + (", or use train.precision=fp32" if cfg.precision != "fp32" else "")
         )
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
@@ -474,7 +467,7 @@ def _finish(
         result.after["eval_loss"] = result.eval_loss
     result.seconds = time.perf_counter() - started
     summary = {k: v for k, v in vars(result).items() if k not in ("history", "output_dir")}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_bytes(out / SUMMARY_NAME, json.dumps(summary, indent=1, default=str).encode())
     return result
 
 

@@ -3,8 +3,10 @@
 The recipe and adapter subcommands (train, preprocess, generate, merge, inspect) are here; ``serve``, ``plan`` and
 ``env`` each have their own module beside this one.
 
-Every subcommand validates its input at the boundary; a :class:`~lorakit.errors.LorakitError` is printed as
-one clear line (``error: ...``) with exit status 2 instead of a traceback.
+Every subcommand validates its input at the boundary, and runs inside one error boundary
+(:mod:`lorakit.cli.boundary`): a :class:`~lorakit.errors.LorakitError` is printed as one clear line
+(``error: ...``) with exit status 2, any other failure as one line with status 1; the traceback only with
+``--debug`` or ``LORAKIT_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lorakit.cli import env, plan, serve
+from lorakit.cli.boundary import add_debug_flag, run_command
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
 
@@ -84,10 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_result(result, recipe) -> None:
     """The run's summary; with a before/after report (``train.eval_generate``), the base and the fine-tuned
     model side by side on held-out rows, then the commands that use the adapter."""
-    loss = result.final_train_loss
-    print(f"\nsteps: {result.steps}  final train loss: {loss:.4f}  time: {result.seconds:.0f} s")
+    print(f"\nsteps: {result.steps}  final train loss: {_number(result.final_train_loss)}  "
+          f"time: {result.seconds:.0f} s")  # fmt: skip
     if result.eval_loss is not None:
-        print(f"eval loss: {result.eval_loss:.4f}  best: {result.best_eval_loss:.4f}")
+        print(f"eval loss: {_number(result.eval_loss)}  best: {_number(result.best_eval_loss)}")
     before, after = result.before, result.after
     if before and after:
         print(f"\nheld-out rows (n={after['n']})   base model   fine-tuned")
@@ -103,9 +106,26 @@ def _print_result(result, recipe) -> None:
     example = after["answers"][0] if after and after["answers"] else {}
     prompt = shlex.quote(example.get("instruction", "Hello"))
     given = f" --input {shlex.quote(example['input'])}" if example.get("input") else ""
+    template = " --template chat" if _data_format(recipe) == "chat" else ""
     print("next:")
-    print(f"  lorakit generate --model {shlex.quote(model)} --adapter {out} --greedy{given} {prompt}")
+    print(f"  lorakit generate --model {shlex.quote(model)} --adapter {out}{template} --greedy{given} {prompt}")
     print(f"  lorakit merge --model {shlex.quote(model)} --adapter {out} --out {out}-merged")
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _data_format(recipe) -> str:
+    """The recipe's data format (detected from its file when ``auto``), for the ``generate`` hint's template."""
+    if recipe.data.format != "auto":
+        return recipe.data.format
+    from lorakit.data.formats import detect_format, read_rows
+
+    try:
+        return detect_format(read_rows(Path(recipe.data.path))[0], Path(recipe.data.path))
+    except Exception:  # only a hint: a file that cannot be read again keeps the default template
+        return "alpaca"
 
 
 def _table(header: list[str], rows: list[tuple[str, ...]], width: int = 24) -> str:
@@ -164,15 +184,14 @@ def _base_quantize(choice: str | None, adapters: list[str]) -> str | None:
 
 
 def _load_for_inference(model_dir: str, adapters: list[str], quantize: str | None, dtype: str = "auto"):
-    from transformers import AutoTokenizer
-
     import lorakit
     from lorakit.loading import load_model
+    from lorakit.model_dir import check_model_dir, load_tokenizer
 
+    tokenizer_dir = adapters[0] if adapters and _has_tokenizer(adapters[0]) else model_dir
+    check_model_dir(model_dir, tokenizer=tokenizer_dir == model_dir)  # before any work
+    tokenizer = load_tokenizer(tokenizer_dir)
     model = load_model(model_dir, quantize=quantize, compute_dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(
-        adapters[0] if adapters and _has_tokenizer(adapters[0]) else model_dir
-    )
     names = []
     for i, adapter in enumerate(adapters):
         name = f"adapter_{i}"
@@ -311,14 +330,13 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from lorakit.data import load_dataset, render_masked_sample
+    from lorakit.model_dir import load_tokenizer
     from lorakit.recipe import load_recipe
 
     recipe_path, overrides = _split_recipe_args(args)
     recipe = load_recipe(recipe_path, overrides)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, local_files_only=True)
+    tokenizer = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     train_set, _, stats = load_dataset(recipe.data, tokenizer)
     print(stats.summary())
     if args.debug:
@@ -350,31 +368,26 @@ def build_parser() -> argparse.ArgumentParser:
     from lorakit import __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    add_debug_flag(parser, top_level=True)
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", help="run 'lorakit COMMAND --help' for its options"
     )
     for add, _ in COMMANDS.values():
-        add(sub)
+        command = add(sub)
+        if "--debug" not in command._option_string_actions:  # preprocess's --debug shows samples
+            add_debug_flag(command, top_level=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lorakit`` console script."""
-    from lorakit.errors import LorakitError
-
+    """Entry point of the ``lorakit`` console script: parse, then run the command inside the error boundary
+    (:func:`lorakit.cli.boundary.run_command`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return COMMANDS[args.command][1](args)
-    except LorakitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(COMMANDS[args.command][1], args)
 
 
 if __name__ == "__main__":

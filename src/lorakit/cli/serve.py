@@ -65,6 +65,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
     p.add_argument(
+        "--max-connections", type=int, default=256, help="most open connections; more get 503 (default 256)"
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=20.0, metavar="S",
+        help="seconds a connection may take to send a request's headers, idle keep-alive included (default 20)",
+    )  # fmt: skip
+    p.add_argument(
+        "--body-timeout", type=float, default=30.0, metavar="S",
+        help="seconds a request may take to send its body; then 408 (default 30)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shutdown-grace", type=float, default=10.0, metavar="S",
+        help="on Ctrl-C or SIGTERM, seconds to answer in-flight requests (or 503) before exiting (default 10)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-key-env", default=None, metavar="VAR",
         help="require 'Authorization: Bearer KEY' with KEY read from environment variable VAR",
     )  # fmt: skip
@@ -96,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
         model_dir=args.model, adapters=adapters, adapter_root=args.adapter_root, host=args.host, port=args.port,
         model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit, quantize=None if args.quantize == "none" else args.quantize,
-        dtype=args.dtype, device=args.device, api_key=api_key,
+        dtype=args.dtype, device=args.device, api_key=api_key, max_connections=args.max_connections,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace,
     )  # fmt: skip
     server = Server(config)
-    print(f"serving {server.model_ids()} on {server.url} (Ctrl-C to stop)", flush=True)
+    print(f"serving {server.model_ids()} on {server.url} (Ctrl-C or SIGTERM to stop)", flush=True)
     server.serve_forever()
     return 0

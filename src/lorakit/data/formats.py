@@ -33,6 +33,8 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 ALPACA_RESPONSE_MARKER = "### Response:\n"
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's message roles
+
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -131,12 +133,16 @@ def read_rows(path: Path) -> tuple[list[Row], list[BadRow]]:
                 rows.append(Row(number, f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as e:
                 bad.append(BadRow(number, f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})"))
+            except (ValueError, RecursionError) as e:  # nested too deeply, a >4300-digit number
+                bad.append(BadRow(number, f"{path}:{number}: not usable JSON ({type(e).__name__}: {e!s:.80})"))
     else:
         try:
             data = json.loads(content)
         except json.JSONDecodeError as e:
             hint = " (one JSON object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
             raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}{hint}") from e
+        except (ValueError, RecursionError) as e:  # nested too deeply, a >4300-digit number
+            raise DataError(f"{path}: not usable JSON: {type(e).__name__}: {e!s:.80}") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows, got a JSON {type(data).__name__}")
         rows = [Row(i, f"{path}[{i}]", value) for i, value in enumerate(data)]
@@ -177,9 +183,18 @@ def _string(row: dict, key: str, required: bool = True) -> str:
         raise BadRowError(f"missing field {key!r}")
     if not isinstance(value, str):
         raise BadRowError(f"field {key!r}: expected a string, got {type(value).__name__}")
+    check_unicode(value, f"field {key!r}")
     if required and not value.strip():
         raise BadRowError(f"field {key!r} is empty")
     return value
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Refuse a lone surrogate (JSON allows ``"\\ud800"``; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRowError(f"{where}: holds {text[e.start]!r}, a lone surrogate (not valid Unicode)") from None
 
 
 def chat_messages(row: dict) -> list[dict[str, str]]:
@@ -204,12 +219,15 @@ def chat_messages(row: dict) -> list[dict[str, str]]:
             raise BadRowError(
                 f"{key}[{i}]: expected string {role_key!r} and {content_key!r}, got {turn!r:.80}"
             )
+        check_unicode(content, f"{key}[{i}].{content_key}")
         if sharegpt:
             if role not in SHAREGPT_ROLES:
                 raise BadRowError(
                     f"{key}[{i}]: unknown speaker {role!r}, expected one of {sorted(SHAREGPT_ROLES)}"
                 )
             role = SHAREGPT_ROLES[role]
+        elif role not in CHAT_ROLES:
+            raise BadRowError(f"{key}[{i}]: unknown role {role[:40]!r}, expected one of {', '.join(CHAT_ROLES)}")
         if role == "assistant" and not content.strip():
             raise BadRowError(f"{key}[{i}]: empty assistant message")
         messages.append({"role": role, "content": content})

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
+from lorakit.serve.connections import LimitedHTTPServer, read_json_body, sigterm_as_interrupt
 from lorakit.serve.engine import ADAPTER_NAME, Engine, EngineConfig, GenerationRequest, RequestHandle
 from lorakit.serve.openai import (
     HTTPError,
@@ -67,6 +68,12 @@ class ServeConfig(EngineConfig):
         model_name (str | None): The base model's id in the API; default the model directory's name.
         api_key (str | None): If set, every request but ``/health`` needs ``Authorization: Bearer <key>``.
         max_body_bytes (int): Largest request body; bigger ones get 413. Default 1 MiB.
+        max_connections (int): Most open connections; more get 503 at once. Default 256.
+        header_timeout (float): Seconds a connection may take to send a request's headers (idle keep-alive
+            time included); then it is closed. Default 20.
+        body_timeout (float): Seconds a request may take to send its body; then 408. Default 30.
+        shutdown_grace (float): Seconds :meth:`Server.close` waits for in-flight requests to be answered
+            (each gets its answer or a 503). Default 10.
     """
 
     model_dir: str
@@ -79,6 +86,10 @@ class ServeConfig(EngineConfig):
     model_name: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    max_connections: int = 256
+    header_timeout: float = 20.0
+    body_timeout: float = 30.0
+    shutdown_grace: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +109,13 @@ class ServeConfig(EngineConfig):
             raise ConfigError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: expected >= 1024, got {self.max_body_bytes}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or (
+            self.max_connections < 1
+        ):
+            raise ConfigError(f"max_connections: expected an integer >= 1, got {self.max_connections!r}")
+        for name in ("header_timeout", "body_timeout", "shutdown_grace"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0 < getattr(self, name) < 1e6:
+                raise ConfigError(f"{name}: expected seconds > 0, got {getattr(self, name)!r}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -127,6 +145,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._dispatch("PATCH")
 
+    def handle_one_request(self) -> None:
+        self._reason = None  # why a request was refused: logged on its one access-log line
+        self.server.deadlines.arm(self.connection, self.server.app.config.header_timeout, "headers")
+        super().handle_one_request()
+
+    def log_error(self, format: str, *args) -> None:
+        self._reason = format % args  # http.server's own refusals (bad request line, headers too long ...)
+
+    def log_request(self, code="-", size="-") -> None:
+        reason = getattr(self, "_reason", None)
+        line = f'"{self.requestline[:200]}" {code}'
+        log.info("%s %s%s", self.address_string(), line, f" ({reason[:300]})" if reason else "")
+
     def log_message(self, format: str, *args) -> None:
         log.info("%s %s", self.address_string(), format % args)
 
@@ -137,8 +168,11 @@ class _Handler(BaseHTTPRequestHandler):
         arg, self._streaming = None, False
         if path.startswith("/v1/adapters/") and "/" not in path[len("/v1/adapters/") :]:
             path, arg = "/v1/adapters/{name}", unquote(path[len("/v1/adapters/") :])
+        app.busy_requests(+1)
         try:
-            body = self._read_body(app.config.max_body_bytes)
+            self.server.deadlines.arm(self.connection, app.config.body_timeout, "body")
+            body = read_json_body(self, app.config.max_body_bytes)
+            self.server.deadlines.disarm(self.connection)
             routes = self.ROUTES.get(path)
             if routes is None:
                 raise HTTPError(404, f"unknown route: {method} {self.path}", None, "unknown_url")
@@ -150,43 +184,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self._check_key(app.config.api_key)
             routes[method](self, app, body, arg)
         except HTTPError as err:
+            self._reason = err.message
             self._send_json(err.status, err.body(), err.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception as err:
-            log.exception("request %s %s failed", method, self.path)
+        except Exception as err:  # a bug: one log line (the traceback at debug level), a 500 for the client
+            self._reason = f"internal error: {type(err).__name__}: {str(err)[:200]}"
+            log.debug("request %s %s failed", method, self.path, exc_info=True)
             if self._streaming:  # the status line is out already: all we can do is hang up
                 self.close_connection = True
+                log.info("%s %s", self.address_string(), self._reason)
                 return
-            self._send_json(500, HTTPError(500, f"internal error: {err}", kind="server_error").body())
-
-    def _read_body(self, limit: int) -> dict | None:
-        """The JSON object sent, or None when there is no body."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise HTTPError(411, "send the body with a Content-Length header (chunked is not supported)")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise HTTPError(400, "Content-Length is not a number", None, "invalid_header") from None
-        if length > limit:
-            self.close_connection = True  # the unread body would be taken for the next request
-            raise HTTPError(
-                413, f"request body is {length} bytes; the limit is {limit}", None, "request_too_large"
-            )
-        if length <= 0:
-            return None
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HTTPError(400, f"request body is not valid JSON: {err}", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise HTTPError(
-                400, f"request body must be a JSON object, got {type(body).__name__}", None, "invalid_json"
-            )
-        return body
+            self._send_json(500, HTTPError(500, self._reason, kind="server_error").body())
+        finally:
+            self.server.deadlines.disarm(self.connection)
+            app.busy_requests(-1)
 
     def _check_key(self, key: str) -> None:
         sent = self.headers.get("Authorization", "")
@@ -282,7 +294,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise error_for(err) from None
             self._send_json(200, completion_response(head, done, chat))
             return
-        self._stream(handle, head, chat, bool((body.get("stream_options") or {}).get("include_usage")))
+        options = body_field(body, "stream_options", (dict,), {})
+        self._stream(handle, head, chat, body_field(options, "include_usage", (bool,), False))
 
     def _stream(self, handle: RequestHandle, head: dict, chat: bool, include_usage: bool) -> None:
         self._streaming = True
@@ -320,15 +333,10 @@ class _Handler(BaseHTTPRequestHandler):
     }
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never blocks shutdown
-    request_queue_size = 128  # listen backlog: socketserver's 5 resets bursts of concurrent clients
-
+class _HTTPServer(LimitedHTTPServer):
     def __init__(self, app: Server) -> None:
-        host = app.config.host
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
-        super().__init__((host, app.config.port), _Handler)
+        super().__init__((app.config.host, app.config.port), _Handler, app.config.max_connections)
 
 
 class Server:
@@ -363,6 +371,7 @@ class Server:
             if name == self.model_id:
                 raise ConfigError(f"adapters: {name!r} is the base model's id; choose another name")
             self.engine.load_adapter(name, path)
+        self._busy, self._idle = 0, threading.Condition()  # requests being answered (close waits for them)
         self._httpd = _HTTPServer(self)
         self._serving = False  # serve_forever was entered (so shutdown() will return)
 
@@ -391,20 +400,30 @@ class Server:
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until interrupted (Ctrl-C), then shut down cleanly."""
+        """Serve in this thread until interrupted (Ctrl-C or SIGTERM), then shut down cleanly (:meth:`close`)."""
         self.engine.start()
         self._serving = True
         log.info("serving %s with adapters %s on %s", self.model_id, list(self.engine.adapters()), self.url)
         try:
-            self._httpd.serve_forever()
+            with sigterm_as_interrupt():
+                self._httpd.serve_forever()
         except KeyboardInterrupt:
-            pass
+            log.info("shutting down: in-flight requests get their answer or a 503")
         finally:
             self.close()
 
+    def busy_requests(self, change: int) -> None:
+        """Count a request being answered (+1) or done (-1)."""
+        with self._idle:
+            self._busy += change
+            self._idle.notify_all()
+
     def close(self) -> None:
-        """Refuse new work (503), answer waiting requests, stop listening and the engine."""
+        """Refuse new work (503), answer waiting requests (each in-flight request gets its answer or a 503
+        within ``shutdown_grace`` seconds), stop listening and the engine."""
         self.engine.close()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy <= 0, timeout=self.config.shutdown_grace)
         if self._serving:
             self._httpd.shutdown()  # waits for the serving loop to exit (at once if it already has)
             self._serving = False
@@ -444,14 +463,15 @@ class Server:
 
 
 def _load(config: ServeConfig):
-    from transformers import AutoTokenizer
-
     from lorakit.loading import load_model
+    from lorakit.model_dir import check_model_dir, load_tokenizer
 
+    check_model_dir(config.model_dir)  # config, model_type and tokenizer before any work
+    tokenizer = load_tokenizer(config.model_dir)
     model = load_model(
         config.model_dir, quantize=config.quantize, compute_dtype=config.dtype, device=config.device
     )
-    return model, AutoTokenizer.from_pretrained(config.model_dir)
+    return model, tokenizer
 
 
 def serve(model_dir: str, adapters: dict[str, str] | None = None, **options) -> Server:

@@ -64,7 +64,15 @@ def body_field(body: dict, name: str, kinds: tuple[type, ...], default=_REQUIRED
 def check_value(ok: bool, name: str, expected: str, value) -> None:
     """400 naming field ``name`` with what was ``expected`` unless ``ok``."""
     if not ok:
-        raise HTTPError(400, f"'{name}': expected {expected}, got {value!r}", name, "invalid_value")
+        raise HTTPError(400, f"'{name}': expected {expected}, got {_shown(value)}", name, "invalid_value")
+
+
+def _shown(value) -> str:
+    """``repr(value)`` cut short: a request may send megabytes, the answer echoes 80 characters."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return "an integer of more than 77 digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def require_body(body: dict | None) -> dict:
@@ -139,13 +147,15 @@ def generation_request(
     check_value(body_field(body, "n", (int,), 1) == 1, "n", "1 (one choice per request)", body.get("n"))
     check_value(body.get("stop") in (None, []), "stop", "null (stop sequences are not supported; the "
                 "model stops at its end-of-turn token)", body.get("stop"))  # fmt: skip
+    seed = body_field(body, "seed", (int,), None)
+    check_value(seed is None or -(2**63) <= seed < 2**64, "seed", "a 64-bit integer", seed)
     return GenerationRequest(
         prompt_ids=ids,
         adapter=None if model == base_id else model,
         max_tokens=max_tokens,
         temperature=float(temperature),
         top_p=float(top_p),
-        seed=body_field(body, "seed", (int,), None),
+        seed=seed,
         stream=body_field(body, "stream", (bool,), False),
         ignore_eos=body_field(body, "ignore_eos", (bool,), False),
     )
