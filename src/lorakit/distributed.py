@@ -149,6 +149,16 @@ class Ranks:
         if self.joined:
             torch.manual_seed(seed * 1_000_003 + step * 7919 + self.rank)
 
+    def loss_denominator(self, targets: int) -> float | None:
+        """What each rank divides its summed token loss by, given its ``targets`` (tokens with a loss): the
+        target tokens of all ranks; under FSDP, divided by ``world_size`` too, because FSDP averages the
+        gradients over ranks (gloo has no pre-multiplied sum for ``set_gradient_divide_factor(1)``). None in a
+        single process (the loop counts its own)."""
+        if not self.joined:
+            return None
+        total = max(1.0, self.sum([float(targets)])[0])
+        return total / self.world_size if self.sharded else total
+
     def reduce_gradients(self, params: list[nn.Parameter], loss: float) -> float:
         """Sum the gradients of ``params`` and the step's ``loss`` over ranks; returns the global loss.
 
@@ -159,7 +169,7 @@ class Ranks:
         if not self.joined:
             return loss
         if self.sharded:
-            return self.sum([loss])[0]
+            return self.sum([loss])[0] / self.world_size  # see loss_denominator
         device = params[0].device if params else _collective_device()
         pieces = [
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params
@@ -179,16 +189,12 @@ class Ranks:
         any state, e.g. a resumed checkpoint's) onto the shards. A no-op unless :attr:`sharded`."""
         if not self.sharded:
             return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import distribute_tensor
 
         before = {id(p): name for name, p in model.named_parameters()}
-        layers = set(getattr(model, "_no_split_modules", None) or ())
-        for module in [m for m in model.modules() if type(m).__name__ in layers] + [model]:
-            fully_shard(module)
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(1.0)  # a sum: the loss is already normalized globally
+        for module, ignored in _shard_groups(model):
+            fully_shard(module, ignored_params=ignored)
         after = dict(model.named_parameters())
         old_state, optimizer.state = optimizer.state, type(optimizer.state)(dict)
         for group in optimizer.param_groups:
@@ -259,6 +265,28 @@ class Ranks:
                 f"rank {self.rank}: {what} failed: {who} ({first}). The run stops on every rank; continue it "
                 "from the last complete checkpoint with --resume"
             ) from None
+
+
+def _shard_groups(model: nn.Module) -> list[tuple[nn.Module, set[nn.Parameter] | None]]:
+    """What ``fully_shard`` wraps, innermost first, with the parameters each group leaves whole.
+
+    Every decoder layer (the classes transformers lists in ``_no_split_modules``), then the decoder (embeddings,
+    final norm) and the output head: lorakit's chunked loss calls the decoder and the head separately, never the
+    root's forward, so each needs its own hooks. A head tied to the embeddings stays whole on every rank.
+    """
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    groups: list[tuple[nn.Module, set[nn.Parameter] | None]] = [
+        (m, None) for m in model.modules() if type(m).__name__ in layers
+    ]
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return [*groups, (model, None)]
+    tied = {p for p in (head.parameters() if head is not None else ()) if any(p is q for q in decoder.parameters())}
+    groups.append((decoder, tied or None))
+    if head is not None and not tied:
+        groups.append((head, None))
+    return groups
 
 
 @dataclass

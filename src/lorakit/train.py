@@ -170,7 +170,7 @@ def accumulate_gradients(
     precision: str = "bf16",
     chunked: bool = True,
     scaler: torch.amp.GradScaler | None = None,
-    n_targets: int | None = None,
+    n_targets: float | None = None,
 ) -> float:
     """Forward and backward over the micro-batches of one optimizer step; returns the step's loss.
 
@@ -412,9 +412,10 @@ def _optimizer_step(
     Raises:
         TrainingError: The loss is NaN or Inf (names the last good checkpoint).
     """
-    n_targets = run.ranks.sum([sum(map(target_count, micro))])[0] if run.ranks.joined else None  # all ranks'
-    loss = accumulate_gradients(run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler,
-                                int(n_targets) if n_targets else None)  # fmt: skip
+    n_targets = run.ranks.loss_denominator(sum(map(target_count, micro)))  # all ranks' (None: one process)
+    loss = accumulate_gradients(
+        run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler, n_targets
+    )
     # A method's regularizer (AdaLoRA's orthogonality term), once per optimizer step: the micro-batch losses above
     # already sum to the mean token loss of the whole step, so adding it per micro-batch would count it grad_accum
     # times (and on every rank it would count world_size times: rank 0 adds it). Logged apart from the task loss.
