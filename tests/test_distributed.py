@@ -87,7 +87,7 @@ def test_a_killed_rank_stops_every_rank_and_resume_finishes_the_run(runs):
     workers[1].send_signal(signal.SIGKILL)
     killed = time.time()
     output = launcher.communicate(timeout=60)[0]
-    gone, alive = psutil.wait_procs(list(workers.values()), timeout=max(1, 60 - (time.time() - killed)))
+    _, alive = psutil.wait_procs(list(workers.values()), timeout=max(1, 60 - (time.time() - killed)))
     assert not alive and time.time() - killed < 60
     assert launcher.returncode != 0, output
     assert not (out / "train_summary.json").exists()  # it really died mid-run
@@ -108,9 +108,9 @@ def test_ranks_share_each_step_and_refuse_what_they_cannot_split():
     assert ranks.mine(["a"]) == []  # a rank without a micro-batch (an epoch's end) still joins the reduction
     fsdp = Ranks(rank=1, world_size=2, strategy="fsdp", joined=True)
     assert fsdp.mine(["a"]) == [None]  # FSDP: every rank runs as many forward passes
-    with pytest.raises(ConfigError, match="train.grad_accum: expected a multiple of the 2 ranks"):
+    with pytest.raises(ConfigError, match=r"train\.grad_accum: expected a multiple of the 2 ranks"):
         ranks.check_grad_accum(3)
-    with pytest.raises(ConfigError, match="train.strategy=fsdp: expected adapter.method one of lora, dora"):
+    with pytest.raises(ConfigError, match=r"train\.strategy=fsdp: expected adapter.method one of lora, dora"):
         check_strategy("fsdp", "adalora", "adamw")
-    with pytest.raises(ConfigError, match="train.optimizer one of adamw"):
+    with pytest.raises(ConfigError, match=r"train\.optimizer one of adamw"):
         check_strategy("fsdp", "lora", "adamw_8bit")
