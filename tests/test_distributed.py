@@ -21,6 +21,7 @@ from lorakit.errors import ConfigError
 from lorakit.train import train
 from train_fixtures import make_workspace, tiny_recipe
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as each rank runs (torchrun: OMP_NUM_THREADS=1)
 ROOT = Path(__file__).resolve().parents[1]
 # 20 steps of a global batch of 8 (4 x 2 micro-batches; each rank runs one micro-batch of 4 per step), no dropout
 # (each rank draws its own masks), a checkpoint every step.
@@ -48,12 +49,10 @@ def runs(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("ws"))
     root = tmp_path_factory.mktemp("runs")
     (root / "recipe.yaml").write_text(tiny_recipe(ws, *RUN).to_yaml())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: Adam turns last-bit differences of tiny gradients into lr-sized steps
-    try:
-        train(tiny_recipe(ws, *RUN, f"output_dir={root / 'single'}"), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    # One thread, as each rank (one_torch_thread): Adam turns last-bit differences of tiny gradients into lr-sized
+    # steps, so the comparison needs the same kernels.
+    assert torch.get_num_threads() == 1
+    train(tiny_recipe(ws, *RUN, f"output_dir={root / 'single'}"), progress=False)
     ranked = _lorakit("train", *_cli_args(root, root / "ranks"), "--no-progress", "--nproc", "2")
     output = ranked.communicate(timeout=300)[0]
     assert ranked.returncode == 0, output
@@ -114,3 +113,34 @@ def test_ranks_share_each_step_and_refuse_what_they_cannot_split():
         check_strategy("fsdp", "adalora", "adamw")
     with pytest.raises(ConfigError, match=r"train\.optimizer one of adamw"):
         check_strategy("fsdp", "lora", "adamw_8bit")
+
+
+def _fsdp_world_of_one(ws: Path, out: Path, device: str, *overrides: str):
+    """train.strategy=fsdp in this process: a process group of one (lorakit.distributed.start), sharded groups."""
+    recipe = tiny_recipe(ws, "train.max_steps=4", "adapter.lora_dropout=0.0", "train.save_every=2",
+                         "train.strategy=fsdp", f"output_dir={out}", *overrides)  # fmt: skip
+    return train(recipe, progress=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fsdp_on_one_rank_trains_saves_and_resumes_as_ddp(tmp_path, device, monkeypatch):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ws = make_workspace(tmp_path / "ws")
+    plain = train(tiny_recipe(ws, "train.max_steps=4", "adapter.lora_dropout=0.0", "train.save_every=2",
+                              f"output_dir={tmp_path / 'plain'}"), progress=False)  # fmt: skip
+    sharded = _fsdp_world_of_one(ws, tmp_path / "fsdp", device)
+    assert not torch.distributed.is_initialized()  # the run left its process group
+    assert sharded.final_train_loss == pytest.approx(plain.final_train_loss, abs=1e-5)
+    single = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    for key, value in load_file(tmp_path / "fsdp" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(value, single[key], atol=1e-5, rtol=0)
+    # A checkpoint written from the shards (whole tensors) resumes a sharded run to the same end.
+    again = train(
+        tiny_recipe(ws, "train.max_steps=4", "adapter.lora_dropout=0.0", "train.save_every=2",
+                    "train.strategy=fsdp", f"output_dir={tmp_path / 'fsdp'}"),
+        resume=str(tmp_path / "fsdp" / "checkpoints" / "step-000002"), progress=False,
+    )  # fmt: skip
+    assert again.final_train_loss == pytest.approx(sharded.final_train_loss, abs=1e-5)
