@@ -144,3 +144,22 @@ def test_fsdp_on_one_rank_trains_saves_and_resumes_as_ddp(tmp_path, device, monk
         resume=str(tmp_path / "fsdp" / "checkpoints" / "step-000002"), progress=False,
     )  # fmt: skip
     assert again.final_train_loss == pytest.approx(sharded.final_train_loss, abs=1e-5)
+
+
+def test_a_failed_collective_names_the_ranks_that_stopped_answering(monkeypatch):
+    """Without torchrun noticing (another launcher, a hung rank): the error names who no longer checks in through
+    the run's store, and says how to continue."""
+    from lorakit import distributed
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setattr(distributed, "PROBE_S", 0.5)
+    store.set("lorakit/alive/2", "1")  # rank 2 is alive and checks in; rank 1 is gone
+
+    def broken() -> None:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+
+    with pytest.raises(distributed.RankError, match=r"rank 0: all-reducing the gradients failed: rank\(s\) 1 "
+                       r"stopped answering \(\[gloo.*Connection closed by peer.*--resume"):  # fmt: skip
+        Ranks(rank=0, world_size=3, joined=True)._collective("all-reducing the gradients", broken)
