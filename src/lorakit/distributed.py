@@ -343,7 +343,7 @@ def start(strategy: str = "ddp") -> Ranks:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    if "MASTER_ADDR" in os.environ:
+    if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun's (or another launcher's) env://
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     else:  # one process without torchrun (FSDP on one device): a private in-memory store
         dist.init_process_group(
