@@ -24,9 +24,10 @@ from train_fixtures import make_workspace, tiny_recipe
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as each rank runs (torchrun: OMP_NUM_THREADS=1)
 ROOT = Path(__file__).resolve().parents[1]
 # 20 steps of a global batch of 8 (4 x 2 micro-batches; each rank runs one micro-batch of 4 per step), no dropout
-# (each rank draws its own masks), a checkpoint every step.
+# (each rank draws its own masks), a checkpoint every step, exact match on 5 held-out rows before and after (each
+# rank answers its share).
 RUN = ["train.max_steps=20", "train.batch_size=4", "train.grad_accum=2", "adapter.lora_dropout=0.0",
-       "train.save_every=1", "train.keep_last=2"]  # fmt: skip
+       "train.save_every=1", "train.keep_last=2", "train.eval_generate=5", "train.max_new_tokens=6"]  # fmt: skip
 
 
 def _cli_args(root: Path, out: Path) -> list[str]:
@@ -69,7 +70,13 @@ def test_two_ranks_reach_the_single_process_adapter(runs):
     lines = [json.loads(line) for line in (root / "ranks" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 21))  # rank 0 alone wrote the metrics
     assert output.count("steps: 20") == 1  # and printed the summary
-    assert abs(_final_loss(root / "ranks") - _final_loss(root / "single")) < 1e-5
+    summaries = [json.loads((root / name / "train_summary.json").read_text()) for name in ("single", "ranks")]
+    assert abs(summaries[1]["final_train_loss"] - summaries[0]["final_train_loss"]) < 1e-5
+    # Evaluation ran on both ranks, reduced: the loss of the whole validation set, every row's answer in order.
+    assert summaries[1]["eval_loss"] == pytest.approx(summaries[0]["eval_loss"], abs=1e-5)
+    for when in ("before", "after"):
+        assert [a["got"] for a in summaries[1][when]["answers"]] == [a["got"] for a in summaries[0][when]["answers"]]
+        assert summaries[1][when]["n"] == 5
 
 
 def test_a_killed_rank_stops_every_rank_and_resume_finishes_the_run(runs):

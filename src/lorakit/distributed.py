@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import signal
 import sys
@@ -108,12 +109,20 @@ class Ranks:
         return total.tolist()
 
     def gather(self, value: T) -> list[T]:
-        """Every rank's ``value`` (picklable Python data of our own making), in rank order."""
+        """Every rank's ``value`` (JSON data), in rank order. Sent as UTF-8 JSON in uint8 tensors, not with
+        ``all_gather_object``, which unpickles what other processes send."""
         if not self.joined:
             return [value]
-        out: list[Any] = [None] * self.world_size
-        self._collective("gathering results", lambda: dist.all_gather_object(out, value))
-        return out
+        device = _collective_device()
+        data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+        self._collective("gathering results", lambda: dist.all_gather(sizes, size))
+        longest = int(max(sizes).item())
+        buffers = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
+        padded = torch.cat([data, data.new_zeros(longest - data.numel())])
+        self._collective("gathering results", lambda: dist.all_gather(buffers, padded))
+        return [json.loads(bytes(b[: int(n)].tolist()).decode()) for b, n in zip(buffers, sizes)]
 
     def barrier(self, what: str) -> None:
         """Wait for every rank (``what`` names the point in the error)."""

@@ -388,8 +388,8 @@ def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
 def _next_micro_batches(
     state: TrainState, run: _Run, cfg: TrainSection
 ) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """The next optimizer step's micro-batches (``grad_accum``, fewer at an epoch's end), and the micro-batches
-    per epoch. Advances ``state.micro_index``."""
+    """This rank's micro-batches of the next optimizer step (of its ``grad_accum``, fewer at an epoch's end; all of
+    them in a single process), and the micro-batches per epoch. Advances ``state.micro_index``."""
     per_epoch = math.ceil(len(run.train_set) / cfg.batch_size)
     epoch, position = divmod(state.micro_index, per_epoch)
     batches = _micro_batches(len(run.train_set), cfg.batch_size, cfg.seed, epoch)
