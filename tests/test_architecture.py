@@ -29,7 +29,8 @@ FLOORS: dict[int, tuple[str, ...]] = {
     3: ("compress", "io", "checkpoint", "inspect"),  # files: adapters and checkpoints on disk
     4: (  # runs: recipes, training, inference, serving, planning, the CLI (and the deprecated names)
         "", "adapter_section", "recipe", "run_dir", "train", "evaluate", "generate", "plan", "plan_terms", "serve", "serve.batch", "serve.engine",
-        "serve.http", "serve.openai", "serve.connections", "cli", "cli.__main__", "cli.env", "cli.plan", "cli.serve", "cli.boundary", "variants", "variants_io",
+        "serve.http", "serve.openai", "serve.connections", "cli", "cli.__main__", "cli.torchrun", "__main__", "distributed", "cli.env", "cli.plan",
+        "cli.serve", "cli.boundary", "variants", "variants_io",
         "quickstart",
     ),
 }  # fmt: skip

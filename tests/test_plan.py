@@ -276,3 +276,25 @@ def test_measured_peak_of_a_small_lora_step(tmp_path):
     fields_plan = {k: spec[k] for k in spec if k not in ("dir",)}
     predicted = plan_memory(tmp_path, device="cpu", **fields_plan).peak_bytes
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+def test_per_device_plan_on_several_gpus():
+    """``--gpus N``: ddp adds the all-reduce bucket (the adapter's gradients in fp32) and nothing else, the
+    micro-batch per device is unchanged; fsdp divides parameters, gradients and optimizer states by N, keeps
+    4-bit weights whole and adds the gathered layers."""
+    one = plan_memory("llama-2-13b", method="lora")
+    ddp = plan_memory("llama-2-13b", method="lora", gpus=4)
+    assert ddp.component("gradient all-reduce bucket") == one.component("gradients") == 4 * one.trainable_params
+    assert ddp.component("activations") == one.component("activations")
+    fsdp = plan_memory("llama-2-13b", method="lora", gpus=4, strategy="fsdp")
+    for name in ("base weights (bfloat16)", "adapters (fp32)", "optimizer states", "gradients"):
+        assert fsdp.component(name) == pytest.approx(one.component(name) / 4, abs=1)
+    assert fsdp.component("FSDP gathered parameters") > 0 and fsdp.peak_bytes < ddp.peak_bytes
+    qlora = plan_memory("llama-2-7b", method="qlora", gpus=2, strategy="fsdp")
+    assert qlora.component("base weights, 4-bit (nf4)") == plan_memory("llama-2-7b").component(
+        "base weights, 4-bit (nf4)"
+    )
+    tight = plan_memory("llama-2-13b", method="lora", gpus=4, gpu_memory="48GB")
+    assert any("--strategy fsdp" in s for s in tight.suggestions)
+    with pytest.raises(ConfigError, match="strategy: expected ddp / fsdp"):
+        plan_memory("llama-2-7b", strategy="zero3")

@@ -44,6 +44,12 @@ def _head_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of ``batch`` that carry a loss: ``labels`` [B, T] other than -100 from position 1 on (the label of
+    position t + 1 is the target of position t)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def causal_lm_loss_sum(
     model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True, chunk_tokens: int = CHUNK_TOKENS
 ) -> tuple[torch.Tensor, int]:
@@ -65,7 +71,7 @@ def causal_lm_loss_sum(
     count = int(mask.sum())
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     inputs["use_cache"] = False  # no KV cache in training (packed rows are detected from position resets)
-    if not chunked or not _supports_hidden_path(model):
+    if not chunked or count == 0 or not _supports_hidden_path(model):  # no target: still a graph to backward
         logits = model(**inputs).logits[:, :-1]  # [B, T-1, V]
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -43,6 +43,7 @@ from lorakit.plan_terms import (
     OPTIMIZER_NAMES,
     PROJECTIONS,
     RUNTIME_BYTES,
+    STRATEGIES,
     TARGETS,
     Component,
     activation_terms,
@@ -50,6 +51,7 @@ from lorakit.plan_terms import (
     layer_activation_bytes,
     loss_term,
     optimizer_terms,
+    parallel_terms,
     quantized_bits_per_parameter,
     trainable_tensors,
     weight_terms,
@@ -83,6 +85,10 @@ class PlanConfig:
         target_fraction (float): Share of tokens that carry a loss (prompt tokens do not). Default 1.0.
         device (str): ``"cuda"`` or ``"cpu"`` (adds the process's resident runtime; no paging). Default ``"cuda"``.
         runtime_bytes (int | None): Override the device's runtime overhead (:data:`RUNTIME_BYTES`).
+        gpus (int): Devices training data-parallel (one rank each, ``torchrun``); the plan is per device and the
+            micro-batch per device stays ``batch_size``. Default 1.
+        strategy (str): ``"ddp"`` (everything on every device) or ``"fsdp"`` (parameters, gradients and optimizer
+            states 1/N per device; 4-bit weights whole). Default ``"ddp"``.
 
     Raises:
         ConfigError: A field is out of range or the combination cannot work (says why and what to use).
@@ -106,6 +112,8 @@ class PlanConfig:
     target_fraction: float = 1.0
     device: str = "cuda"
     runtime_bytes: int | None = None
+    gpus: int = 1
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str, got: Any) -> None:
@@ -122,6 +130,8 @@ class PlanConfig:
         need(positive_int(self.chunk_tokens), "chunk_tokens", "a positive integer", self.chunk_tokens)
         need(self.optimizer in OPTIMIZER_NAMES, "optimizer", " / ".join(OPTIMIZER_NAMES), self.optimizer)
         need(self.device in DEVICES, "device", " / ".join(DEVICES), self.device)
+        need(positive_int(self.gpus), "gpus", "a positive integer (devices, one rank each)", self.gpus)
+        need(self.strategy in STRATEGIES, "strategy", " / ".join(STRATEGIES), self.strategy)
         need(
             self.compute_dtype in ("bfloat16", "float16"),
             "compute_dtype",
@@ -222,7 +232,8 @@ class MemoryPlan:
             f"model      {m.name}: {self.total_params / 1e9:.2f}B params, {m.num_layers} layers, hidden "
             f"{m.hidden_size}, vocab {m.vocab_size}",
             f"training   {what}; batch {c.batch_size} x {c.seq_len} tokens; {c.optimizer}; checkpointing "
-            f"{'on' if c.gradient_checkpointing else 'off'}; {'chunked' if c.chunked_loss else 'full'} loss; {c.device}",
+            f"{'on' if c.gradient_checkpointing else 'off'}; {'chunked' if c.chunked_loss else 'full'} loss; {c.device}"
+            + (f"; {c.gpus} devices, {c.strategy}, per device" if c.gpus > 1 or c.strategy == "fsdp" else ""),
             f"trainable  {self.trainable_params:,d} params ({100 * self.trainable_params / self.total_params:.4f}%)",
             "",
             f"{'component':34} {'GB':>9}  {'when':17} detail",
@@ -318,6 +329,7 @@ def plan_memory(
     runtime = RUNTIME_BYTES[config.device] if config.runtime_bytes is None else config.runtime_bytes
     what = "Python + torch + transformers resident" if config.device == "cpu" else "CUDA context"
     components.append(Component("runtime", runtime, "always", what))
+    components = parallel_terms(shape, config, components)  # per device on config.gpus ranks
     always = sum(c.bytes for c in components if c.phase == "always")
     fb = sum(c.bytes for c in components if c.phase == "forward/backward")
     step = sum(c.bytes for c in components if c.phase == "step")
@@ -352,6 +364,8 @@ def _candidates(model: ModelShape, config: PlanConfig) -> list[tuple[str, dict[s
                 out.append((f"fewer target modules (--target {name})", {"target": name}))
     if config.method != "qlora":
         out.append(("a 4-bit base (--method qlora)", {"method": "qlora", "quant_type": None}))
+    if config.gpus > 1 and config.strategy == "ddp":
+        out.append((f"shard across the {config.gpus} devices (--strategy fsdp)", {"strategy": "fsdp"}))
     return out
 
 

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 METHODS = ("full", "lora", "qlora")
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 DEVICES = ("cuda", "cpu")
+STRATEGIES = ("ddp", "fsdp")  # train.strategy under torchrun (lorakit.distributed)
+# What FSDP shards 1/N per device: every parameter (the frozen compute-dtype ones too) and what follows one.
+FSDP_SHARDED = ("adapters (fp32)", "gradients", "optimizer states", "optimizer step temporaries")
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPE_NAMES.items()}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -285,3 +288,38 @@ def workspace_terms(model: ModelShape, config: PlanConfig, trainable: int) -> li
 
 
 # ---------------------------------------------------------------------------------------------- the plan
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+def parallel_terms(model: ModelShape, config: PlanConfig, components: list[Component]) -> list[Component]:
+    """The per-device breakdown on ``config.gpus`` ranks (:mod:`lorakit.distributed`); the micro-batch per device
+    stays ``batch_size``, so activations and the loss do not change.
+
+    ``ddp``: every device holds everything, plus the flat fp32 copy of the gradients that one all-reduce moves.
+    ``fsdp``: parameters (adapters and compute-dtype base weights; 4-bit weights and a head tied to the embeddings
+    stay whole), their gradients and optimizer states are 1/N per device; while a decoder layer runs, it and the
+    prefetched next one are gathered whole, and so are the embeddings and the head while they are used.
+    """
+    n, trainable_bytes = config.gpus, sum(c.bytes for c in components if c.name == "gradients")
+    if config.strategy == "ddp":
+        if n == 1:
+            return components
+        how = f"the gradients in one flat fp32 buffer, all-reduced over {n} devices"
+        return [*components, Component("gradient all-reduce bucket", trainable_bytes, "step", how)]
+    c = DTYPE_BYTES[config.compute_dtype]
+    embedding = model.vocab_size * model.hidden_size * c
+    tied = embedding if model.tie_word_embeddings else 0  # FSDP leaves a tied head whole on every device
+    out = []
+    for comp in components:
+        if comp.name in FSDP_SHARDED or comp.name.startswith("base weights ("):
+            whole = tied if comp.name.startswith("base weights (") else 0
+            shard = math.ceil((comp.bytes - whole) / n) + whole
+            comp = Component(comp.name, shard, comp.phase, f"{comp.detail}; 1/{n} per device (FSDP)")
+        out.append(comp)
+    layer = sum(c.bytes for c in components if c.name == "adapters (fp32)") // model.num_layers
+    if config.method != "qlora":  # the layer's base Linears are parameters too
+        p = DTYPE_BYTES[config.full_dtype if config.method == "full" else config.compute_dtype]
+        layer += sum(a * b for a, b, _ in model.linear_shapes().values()) * p
+    gathered = 2 * layer + (0 if tied else 2 * embedding)
+    how = "2 decoder layers (current + prefetched), embeddings and head, whole while used"
+    return [*out, Component("FSDP gathered parameters", gathered, "forward/backward", how)]

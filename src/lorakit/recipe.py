@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lorakit.adapter_section import AdapterSection
 from lorakit.bounded_yaml import MAX_YAML_BYTES, load_yaml, shown
 from lorakit.data import DataConfig
 from lorakit.errors import ConfigError
-from lorakit.hardware import DTYPE_CHOICES, PRECISIONS, resolve_dtype, resolve_precision
+from lorakit.hardware import DTYPE_CHOICES, PRECISIONS, bf16_report, resolve_dtype, resolve_precision
 from lorakit.methods import METHODS as METHOD_TABLE
 from lorakit.optim import OPTIMIZERS as OPTIMIZER_TABLE
 from lorakit.quant import QUANT_TYPES
@@ -34,6 +35,7 @@ RECIPES_DIR = PACKAGE_DIR / "recipes"  # the shipped recipes (package data): `lo
 METHODS = tuple(METHOD_TABLE)
 OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 SCHEDULERS = ("cosine", "linear", "constant")
+STRATEGIES = ("ddp", "fsdp")  # data parallel under torchrun: lorakit.distributed
 QUANTIZE = (None, *QUANT_TYPES)
 DTYPES = DTYPE_CHOICES  # "auto" and the dtype names (lorakit.hardware)
 
@@ -131,6 +133,10 @@ class TrainSection:
         lean_cpu_heap (bool): On CPU, give freed tensors back to the OS at once
             (:func:`lorakit.activations.return_freed_memory_to_os`): 20-40% lower peak RSS, but steps run 2-2.5x
             slower from page faults (docs/memory.md). For when RAM, not time, is the limit. Default False.
+        strategy (str): Under ``torchrun`` (or ``lorakit train --nproc N``): ``"ddp"`` (default: every rank holds
+            the whole model, adapter gradients summed across ranks) or ``"fsdp"`` (FSDP2 ``fully_shard``: each rank
+            holds a shard of every parameter, adapter and frozen, and of the optimizer states; 4-bit weights stay
+            whole on every rank). A single process ignores ``ddp``. docs/distributed.md.
     """
 
     epochs: float = 3
@@ -158,6 +164,7 @@ class TrainSection:
     chunked_loss: bool = True
     activation_offload: bool = False
     lean_cpu_heap: bool = False
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         if not _is_number(self.epochs) or self.epochs <= 0:
@@ -187,6 +194,7 @@ class TrainSection:
             ("scheduler", SCHEDULERS),
             ("optimizer", OPTIMIZERS),
             ("precision", PRECISIONS),
+            ("strategy", STRATEGIES),
         ):
             if getattr(self, name) not in choices:
                 raise _fail("train", name, f"one of {', '.join(choices)}", getattr(self, name))
@@ -250,6 +258,15 @@ class Recipe:
             model=dataclasses.replace(self.model, compute_dtype=dtype),
             train=dataclasses.replace(self.train, precision=precision),
         )
+
+
+def precision_header(recipe: Recipe, resolved: Recipe) -> str:
+    """One line for the run header: the compute dtype and precision, and why when ``auto`` chose them."""
+    line = f"precision: {resolved.train.precision} (compute dtype {resolved.model.compute_dtype})"
+    if "auto" in (recipe.model.compute_dtype, recipe.train.precision):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        line += f"; auto on this {device}: {bf16_report(device).reason}"
+    return line
 
 
 _SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataConfig, "train": TrainSection}

@@ -19,25 +19,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lorakit import distributed
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
-from lorakit.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.checkpoint import list_checkpoints, load_checkpoint
 from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.errors import ConfigError
 from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
-from lorakit.files import write_adapter_dir
-from lorakit.hardware import DTYPE_NAMES, bf16_report
+from lorakit.hardware import DTYPE_NAMES
 from lorakit.inject import wrap
-from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
+from lorakit.io import atomic_write_bytes, load_adapter
 from lorakit.loading import load_model
-from lorakit.loss import causal_lm_loss_sum
+from lorakit.loss import causal_lm_loss_sum, target_count
 from lorakit.methods import TrainingHooks, method_of
 from lorakit.model_dir import check_model_dir, load_tokenizer
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import MetricsLog, plot_metrics
 from lorakit.quantize import quantize_model
-from lorakit.recipe import Recipe, TrainSection
+from lorakit.recipe import Recipe, TrainSection, precision_header
 from lorakit.run_dir import (
     METRICS_NAME,
     RECIPE_NAME,
@@ -150,14 +150,16 @@ def accumulate_gradients(
     precision: str = "bf16",
     chunked: bool = True,
     scaler: torch.amp.GradScaler | None = None,
+    n_targets: float | None = None,
 ) -> float:
     """Forward and backward over the micro-batches of one optimizer step; returns the step's loss.
 
     Each micro-batch's summed token loss is divided by the number of target tokens of *all* micro-batches,
     so the accumulated gradient equals the gradient of one large batch (not a mean of per-batch means, which
-    over-weights short batches: transformers PR #34191).
+    over-weights short batches: transformers PR #34191). ``n_targets`` (default: counted here) is that number
+    when the step has more micro-batches than these: on every rank of a data-parallel run, all ranks' count.
     """
-    n_targets = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches))
+    n_targets = n_targets or max(1, sum(target_count(b) for b in micro_batches))
     loss_total = 0.0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -210,6 +212,7 @@ class _Run:
     scaler: torch.amp.GradScaler | None
     device: torch.device
     total_steps: int
+    ranks: distributed.Ranks
 
 
 @owns_output_dir
@@ -230,39 +233,50 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         TrainingError: NaN/Inf loss (the last good checkpoint is kept) or an occupied output directory.
         RunLockedError: Another process is training into ``output_dir``.
         ConfigError / DataError: Invalid recipe or data.
+        RankError: Under torchrun, another rank failed (lorakit.distributed).
     """
+    with distributed.start(recipe.train.strategy) as ranks:  # under torchrun: this rank (lorakit.distributed)
+        return _train(recipe, resume, progress, ranks)
+
+
+def _train(
+    recipe: Recipe, resume: str | bool | None, progress: bool, ranks: distributed.Ranks
+) -> TrainResult:
     started = time.perf_counter()
     resolved = recipe.with_precision_resolved(_device().type)  # "auto" -> what this hardware runs fast
-    print(precision_header(recipe, resolved))
+    ranks.print(precision_header(recipe, resolved))
     recipe, cfg = resolved, resolved.train
-    out = _start(recipe, resume)
+    out = _start(recipe, resume, ranks)
     if resume is True and (summary := finished_summary(out)) is not None:  # finished: nothing changes
         return TrainResult(output_dir=out, **{k: v for k, v in summary.items() if k in _SUMMARY_FIELDS})
-    run = _setup(recipe, out)
+    run = _setup(recipe, out, ranks)
     checkpoints = out / "checkpoints"
     state = _resume(run, checkpoints, resume) if resume else TrainState()
+    ranks.spread(run.model, run.optimizer)  # ddp: rank 0's adapter on every rank; fsdp: shards
     result = TrainResult(output_dir=out, steps=run.total_steps, final_train_loss=None)
-    for entry in state.history:  # a run resumed at its last step (killed during the final writes) trains no more
+    for entry in state.history:  # resumed at its last step (killed during the final writes): no more training
         result.final_train_loss = entry.get("loss", result.final_train_loss)
         result.eval_loss = entry.get("eval_loss", result.eval_loss)
     rows = report_rows(recipe.data.val_path, cfg.eval_generate) if cfg.eval_generate else []  # exact match
     if rows and state.step == 0:
-        result.before = exact_match_report(run.model, run.tokenizer, rows, cfg.max_new_tokens)
+        result.before = exact_match_report(run.model, run.tokenizer, rows, cfg.max_new_tokens, ranks)
         if run.val_set is not None:
-            result.before["eval_loss"] = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
-    log = MetricsLog(out, cfg.tensorboard)
-    bar = tqdm(
-        total=run.total_steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True
-    )
+            result.before["eval_loss"] = evaluate_loss(
+                run.model, run.val_set, run.collator, cfg, run.device, ranks
+            )
+    log = distributed.metrics_log(ranks, out, cfg.tensorboard)  # rank 0 writes, the others log nothing
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not progress or not ranks.is_main,
+               desc="train", dynamic_ncols=True)  # fmt: skip
     tokens_seen, window_start = 0, time.perf_counter()
     try:
         run.model.train()
         while state.step < run.total_steps:
+            ranks.seed_step(cfg.seed, state.step)  # each rank its own dropout masks, the same after a resume
             micro, per_epoch = _next_micro_batches(state, run, cfg)
             loss, grad_norm = _optimizer_step(run, micro, cfg, state.step + 1, checkpoints)
             state.step += 1
             result.final_train_loss = loss
-            tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_seen += ranks.sum([sum(int(b["input_ids"].numel()) for b in micro if target_count(b))])[0]
             speed = tokens_seen / max(1e-9, time.perf_counter() - window_start)
             line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
                     "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(speed, 1),
@@ -277,12 +291,11 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
             every = cfg.save_every and state.step % cfg.save_every == 0
             if every or epoch_end or state.step == run.total_steps or stop:
                 state.scheduler = run.scheduler.state_dict()
-                save_checkpoint(checkpoints / f"step-{state.step:06d}", run.model, run.optimizer,
-                                dataclasses.asdict(state), hooks=run.hooks)  # fmt: skip
-                prune_checkpoints(checkpoints, cfg.keep_last)
+                distributed.save_checkpoint_on_main(ranks, checkpoints / f"step-{state.step:06d}", run,
+                                                    dataclasses.asdict(state), cfg.keep_last)  # fmt: skip
             if stop:
                 result.stopped_early = True
-                print(f"early stopping at step {state.step}: no improvement in {state.bad_evals} evaluations")
+                ranks.print(f"early stopping at step {state.step}: no improvement in {state.bad_evals} evals")
                 break
     finally:
         bar.close()
@@ -290,20 +303,25 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     return _finish(run, recipe, out, state, result, rows, started)
 
 
-def _start(recipe: Recipe, resume: str | bool | None) -> Path:
+def _start(recipe: Recipe, resume: str | bool | None, ranks: distributed.Ranks) -> Path:
     """Check the device and the output directory, seed, and set the CPU allocator; returns ``output_dir``."""
     if recipe.train.precision == "fp16" and _device().type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    distributed.check_strategy(recipe.train.strategy, recipe.adapter.method, recipe.train.optimizer)
+    ranks.check_grad_accum(recipe.train.grad_accum)
     if (
         _device().type == "cpu" and recipe.train.lean_cpu_heap
     ):  # freed tensors go back to the OS, at a cost in time
         return_freed_memory_to_os()
-    out = prepare_output_dir(Path(recipe.output_dir), recipe.to_yaml(), bool(resume), recipe.overwrite)
+    out = Path(recipe.output_dir)
+    if ranks.is_main:
+        prepare_output_dir(out, recipe.to_yaml(), bool(resume), recipe.overwrite)
+    ranks.barrier("checking output_dir")  # rank 0 may have cleared it (overwrite=true)
     seed_everything(recipe.train.seed)
     return out
 
 
-def _setup(recipe: Recipe, out: Path) -> _Run:
+def _setup(recipe: Recipe, out: Path, ranks: distributed.Ranks) -> _Run:
     """Base model + adapter (its method's record decides the rest) -> data -> schedule -> hooks -> optimizer."""
     cfg, config = recipe.train, recipe.adapter.adapter_config()
     method = method_of(config)
@@ -320,11 +338,12 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
     train_set, val_set, stats = load_dataset(recipe.data, tokenizer)
     if len(train_set) == 0:
         raise DataError(f"{recipe.data.path}: no training samples")
-    print(f"data: {stats.summary()}")
+    ranks.print(f"data: {stats.summary()}")
     # Only now, with model and data loaded, does output_dir hold a run: a start that fails on bad input
     # leaves nothing behind that would block the corrected run.
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
@@ -342,7 +361,7 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     return _Run(model, tokenizer, hooks, train_set, val_set, make_collator(tokenizer), optimizer, scheduler,
-                scaler, _device(), total_steps)  # fmt: skip
+                scaler, _device(), total_steps, ranks)  # fmt: skip
 
 
 def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
@@ -352,31 +371,33 @@ def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
         Path(resume) if isinstance(resume, (str, Path)) else (list_checkpoints(checkpoints) or [None])[-1]
     )
     if source is None:
-        print(f"--resume: no checkpoint in {checkpoints} yet: starting from step 0")
+        run.ranks.print(f"--resume: no checkpoint in {checkpoints} yet: starting from step 0")
         state = TrainState()
     else:
         state = TrainState.from_checkpoint(load_checkpoint(source, run.model, run.optimizer, hooks=run.hooks))
         run.scheduler.load_state_dict(state.scheduler)
-        print(f"resumed from {source} at step {state.step}")
-    reopen_run(checkpoints.parent, state.step)
+        run.ranks.print(f"resumed from {source} at step {state.step}")
+    if run.ranks.is_main:
+        reopen_run(checkpoints.parent, state.step)
     return state
 
 
 def _next_micro_batches(
     state: TrainState, run: _Run, cfg: TrainSection
 ) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """The next optimizer step's micro-batches (``grad_accum``, fewer at an epoch's end), and the micro-batches
-    per epoch. Advances ``state.micro_index``."""
+    """This rank's micro-batches of the next optimizer step (of its ``grad_accum``, fewer at an epoch's end; all of
+    them in a single process), and the micro-batches per epoch. Advances ``state.micro_index``."""
     per_epoch = math.ceil(len(run.train_set) / cfg.batch_size)
     epoch, position = divmod(state.micro_index, per_epoch)
     batches = _micro_batches(len(run.train_set), cfg.batch_size, cfg.seed, epoch)
+    step = batches[position : position + cfg.grad_accum]  # fewer when the epoch ends inside this step
+    state.micro_index += len(step)
     micro = []
-    for _ in range(cfg.grad_accum):
-        if position >= len(batches):
-            break  # the epoch ends inside this step; the next step starts the next epoch
-        micro.append(run.collator([run.train_set[i] for i in batches[position]]))
-        position += 1
-    state.micro_index += len(micro)
+    for indices in run.ranks.mine(step):  # a single process: all of them
+        batch = run.collator([run.train_set[i] for i in indices or step[0]])
+        if indices is None:  # FSDP: a rank without a micro-batch runs one without targets (no gradient)
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        micro.append(batch)
     return micro, per_epoch
 
 
@@ -388,13 +409,18 @@ def _optimizer_step(
     Raises:
         TrainingError: The loss is NaN or Inf (names the last good checkpoint).
     """
-    loss = accumulate_gradients(run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler)
+    n_targets = run.ranks.loss_denominator(sum(map(target_count, micro)))  # all ranks' (None: one process)
+    loss = accumulate_gradients(
+        run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler, n_targets
+    )
     # A method's regularizer (AdaLoRA's orthogonality term), once per optimizer step: the micro-batch losses above
     # already sum to the mean token loss of the whole step, so adding it per micro-batch would count it grad_accum
-    # times. Logged apart from the task loss (which eval_loss is comparable to).
-    regularizer = run.hooks.regularizer(run.model)
+    # times (and on every rank it would count world_size times: rank 0 adds it). Logged apart from the task loss.
+    regularizer = run.hooks.regularizer(run.model) if run.ranks.is_main else None
     if regularizer is not None:
         (run.scaler.scale(regularizer) if run.scaler else regularizer).backward()
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    loss = run.ranks.reduce_gradients(params, loss)  # summed over ranks: the single-process gradient
     if not math.isfinite(loss):
         last = list_checkpoints(checkpoints)
         raise TrainingError(
@@ -405,8 +431,8 @@ def _optimizer_step(
         )
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     if run.scaler:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -430,7 +456,7 @@ def _evaluate(
     run: _Run, state: TrainState, result: TrainResult, log: MetricsLog, out: Path, cfg: TrainSection
 ) -> bool:
     """Evaluate, keep the best adapter in ``out/best``, and say whether early stopping's patience ran out."""
-    eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
+    eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device, run.ranks)
     run.model.train()
     record = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
     state.history.append(record)
@@ -438,7 +464,7 @@ def _evaluate(
     result.eval_loss = eval_loss
     if state.best_eval is None or eval_loss < state.best_eval:
         state.best_eval, state.bad_evals = eval_loss, 0
-        save_adapter(run.model, out / "best")
+        distributed.save_adapter_on_main(run.ranks, run.model, out / "best")
         return False
     state.bad_evals += 1
     return cfg.early_stopping_patience is not None and state.bad_evals >= cfg.early_stopping_patience
@@ -453,28 +479,22 @@ def _finish(
     rows: list[dict[str, str]],
     started: float,
 ) -> TrainResult:
-    """Write the adapter (and what the method's hooks export), tokenizer, loss curve and summary."""
+    """Write the adapter (and what the method's hooks export), tokenizer, loss curve and summary (rank 0)."""
     run.model.eval()
-    save_adapter(run.model, out)
-    for subdir, (tensors, adapter_config) in run.hooks.exports(run.model).items():  # PiSSA: as_lora/
-        write_adapter_dir(out / subdir, tensors, adapter_config)
-    run.tokenizer.save_pretrained(out)
-    plot_metrics(out / METRICS_NAME, out / "loss.png")
+    distributed.save_adapter_on_main(
+        run.ranks, run.model, out, run.hooks
+    )  # and hooks' exports (PiSSA: as_lora/)
     result.best_eval_loss = state.best_eval
     result.history = state.history
     if rows:
-        result.after = exact_match_report(run.model, run.tokenizer, rows, recipe.train.max_new_tokens)
+        result.after = exact_match_report(
+            run.model, run.tokenizer, rows, recipe.train.max_new_tokens, run.ranks
+        )
         result.after["eval_loss"] = result.eval_loss
     result.seconds = time.perf_counter() - started
-    summary = {k: v for k, v in vars(result).items() if k not in ("history", "output_dir")}
-    atomic_write_bytes(out / SUMMARY_NAME, json.dumps(summary, indent=1, default=str).encode())
+    if run.ranks.is_main:
+        run.tokenizer.save_pretrained(out)
+        plot_metrics(out / METRICS_NAME, out / "loss.png")
+        summary = {k: v for k, v in vars(result).items() if k not in ("history", "output_dir")}
+        atomic_write_bytes(out / SUMMARY_NAME, json.dumps(summary, indent=1, default=str).encode())
     return result
-
-
-def precision_header(recipe: Recipe, resolved: Recipe) -> str:
-    """One line for the run header: the compute dtype and precision, and why when ``auto`` chose them."""
-    line = f"precision: {resolved.train.precision} (compute dtype {resolved.model.compute_dtype})"
-    if "auto" in (recipe.model.compute_dtype, recipe.train.precision):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        line += f"; auto on this {device}: {bf16_report(device).reason}"
-    return line

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -28,6 +29,8 @@ EPILOG_TRAIN = """examples:
   lorakit train qlora_alpaca model.path=/models/llama data.path=my.jsonl   # a shipped recipe, by name
   lorakit train my.yaml train.lr=1e-4 adapter.r=32 --dry-run
   lorakit train my.yaml --resume                 # continue from the newest checkpoint in output_dir
+  lorakit train my.yaml --nproc 2                # data parallel on 2 ranks (torchrun; docs/distributed.md)
+  torchrun --nproc-per-node 2 -m lorakit train my.yaml   # the same, launched by hand
 """
 
 
@@ -54,6 +57,11 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)"
     )
+    p.add_argument(
+        "--nproc", type=int, default=None, metavar="N",
+        help="train data-parallel on N processes of this machine: starts torchrun (one per GPU, else CPU "
+        "processes with gloo); train.strategy picks ddp or fsdp",
+    )  # fmt: skip
     return p
 
 
@@ -71,15 +79,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe_path, overrides = _split_recipe_args(args)
     recipe = load_recipe(recipe_path, overrides)
     if args.dry_run:
-        from lorakit.train import precision_header
+        from lorakit.recipe import precision_header
 
         resolved = recipe.with_precision_resolved()
         print(f"# {precision_header(recipe, resolved)}")
         print(resolved.to_yaml(), end="")
         return 0
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it
+        from lorakit.cli.torchrun import launch
+
+        resume = ["--resume", *([args.resume] if isinstance(args.resume, str) else [])] if args.resume else []
+        return launch(args.nproc, ["train", *([args.recipe] if args.recipe else []), *args.overrides,
+                                   *resume, *(["--no-progress"] if args.no_progress else [])])  # fmt: skip
     from lorakit.train import train
 
     result = train(recipe, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     _print_result(result, recipe)
     return 0
 

@@ -14,6 +14,7 @@ EPILOG_PLAN = """examples:
   lorakit plan --model llama-3-8b --method lora --r 16 --target attention --batch 8 --seq 1024 --gradient-checkpointing
   lorakit plan --model /models/my-llama --method full --optimizer adamw_8bit --device cpu
   lorakit plan --model path/to/config.json --method qlora --optimizer paged_adamw_8bit --json
+  lorakit plan --model llama-2-13b --method lora --gpus 4 --strategy fsdp --gpu-memory 24GB   # per device
 
 what is counted: base weights by storage type, quantization constants, adapters, gradients, optimizer states,
 saved activations, the loss's logits, workspace (dequantization, optimizer temporaries), and the runtime (CUDA
@@ -76,7 +77,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--device", choices=["cuda", "cpu"], default="cuda",
         help="cuda (adds the CUDA context, pages optimizer states) or cpu (adds the process runtime)",
     )  # fmt: skip
-    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory available, e.g. 24GB or 24GiB")
+    p.add_argument(
+        "--gpus", type=int, default=1, metavar="N",
+        help="devices training data-parallel (torchrun, one rank each); the plan is per device (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategy", choices=["ddp", "fsdp"], default="ddp",
+        help="ddp: everything on every device; fsdp: parameters, gradients and optimizer states 1/N per "
+        "device, 4-bit weights whole (default ddp; docs/distributed.md)",
+    )  # fmt: skip
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory available per device, e.g. 24GB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -89,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
         lora_dropout=args.lora_dropout, compute_dtype=args.dtype, full_dtype=args.full_dtype,
         quant_type=args.quant_type, double_quant=not args.no_double_quant, chunked_loss=not args.no_chunked_loss,
-        target_fraction=args.target_fraction, device=args.device,
+        target_fraction=args.target_fraction, device=args.device, gpus=args.gpus, strategy=args.strategy,
     )  # fmt: skip
     plan = plan_memory(args.model, config, gpu_memory=args.gpu_memory)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
