@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
+from lorakit.gguf_read import check_tokenizer, gguf_config, gguf_path, is_gguf, open_gguf, stream_gguf
 from lorakit.hardware import DTYPE_NAMES, resolve_dtype
 from lorakit.quant import QUANT_TYPES, Linear4bit
 from lorakit.quantize import quantizable_paths
@@ -137,11 +139,14 @@ def load_model(
     device: str | torch.device = "cpu",
     model_class: type | None = None,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> nn.Module:
-    """Load a local Hugging Face model directory, streaming its weights and quantizing Linears to 4 bits.
+    """Load a local Hugging Face model directory or GGUF file, streaming its weights and quantizing Linears to 4 bits.
 
     Args:
-        path (str | PathLike): Directory with ``config.json`` and ``*.safetensors`` (sharded or not).
+        path (str | PathLike): Directory with ``config.json`` and ``*.safetensors`` (sharded or not), or a
+            ``.gguf`` file (llama.cpp's format, Llama family: :mod:`lorakit.gguf_read`), whose block-quantized
+            weights are dequantized one tensor at a time.
         quantize (str | None): ``"nf4"`` (default), ``"fp4"``, or ``None`` to load in ``compute_dtype``.
         double_quant (bool): Quantize the block scales too (4.127 bits/param). Default True.
         compute_dtype (torch.dtype | str): Dtype of non-quantized weights and of 4-bit matmuls, or a name
@@ -154,6 +159,8 @@ def load_model(
         device (str | torch.device): Where the weights go. Default ``"cpu"``.
         model_class (type | None): A transformers auto class or model class; default AutoModelForCausalLM.
         trust_remote_code (bool): Allow the checkpoint's own model code. Default False.
+        gguf_file (str | None): A GGUF file inside directory ``path`` (as in transformers'
+            ``from_pretrained(path, gguf_file=...)``). Default None.
 
     Returns:
         nn.Module: The model in eval mode, all parameters frozen.
@@ -166,10 +173,15 @@ def load_model(
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ConfigError(f"quantize: expected one of {', '.join(QUANT_TYPES)} or None, got {quantize!r}")
     path = Path(path)
-    if not (path / "config.json").is_file():
+    gguf = open_gguf(gguf_path(path, gguf_file)) if is_gguf(path, gguf_file) else None
+    if gguf is None and not (path / "config.json").is_file():
         raise AdapterFileError(f"{path / 'config.json'} not found: expected a Hugging Face model directory")
-    files = weight_files(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    files = weight_files(path) if gguf is None else [gguf.path]
+    config = (
+        gguf_config(gguf)
+        if gguf is not None
+        else AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    )
     cls = model_class or AutoModelForCausalLM
     device = torch.device(device)
     compute_dtype = resolve_dtype(compute_dtype, device)
@@ -182,7 +194,8 @@ def load_model(
     settings = (quantize, double_quant, compute_dtype, blocksize, device)
     pending_bias: dict[str, torch.Tensor] = {}  # biases that arrived before their weight (any shard)
     for file in files:
-        _stream_into(model, file, targets, settings, pending_bias)
+        tensors = stream_safetensors(file) if gguf is None else stream_gguf(gguf, model)
+        _stream_into(model, tensors, targets, settings, pending_bias)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
     _check_complete(model, model_class is not None, device, path)
@@ -191,10 +204,37 @@ def load_model(
     return model.eval()
 
 
+def load_tokenizer(
+    path: str | os.PathLike, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The tokenizer (with its chat template) of a model directory or of a GGUF file, offline.
+
+    A GGUF file's tokenizer (``tokenizer.ggml.*``) is converted by transformers to a fast tokenizer.
+
+    Raises:
+        AdapterFileError: A GGUF file without a tokenizer, or one transformers cannot convert.
+    """
+    from transformers import AutoTokenizer
+
+    if not is_gguf(path, gguf_file):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    file = gguf_path(path, gguf_file)
+    check_tokenizer(open_gguf(file))
+    try:
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise AdapterFileError(f"{file}: its tokenizer could not be converted ({err})") from None
+
+
 def _stream_into(
-    model: nn.Module, file: Path, targets: set[str], settings: tuple, pending_bias: dict[str, torch.Tensor]
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    targets: set[str],
+    settings: tuple,
+    pending_bias: dict[str, torch.Tensor],
 ) -> None:
-    """Read one safetensors file into the meta-device ``model``, quantizing the weights of ``targets`` as they come.
+    """Read one file's ``(name, tensor)`` stream into the meta-device ``model``, quantizing the weights of
+    ``targets`` as they come.
 
     ``settings``: ``(quant_type, double_quant, compute_dtype, blocksize, device)``; ``pending_bias``: biases of
     ``targets`` read before their weight, kept across the files of a sharded checkpoint.
@@ -202,7 +242,7 @@ def _stream_into(
     quantize, double_quant, compute_dtype, blocksize, device = settings
     expected = set(model.state_dict().keys())
     prefix = f"{model.base_model_prefix}."
-    for name, tensor in stream_safetensors(file):
+    for name, tensor in tensors:
         key = name if name in expected else prefix + name if prefix + name in expected else None
         if key is None:
             continue  # checkpoint extras (e.g. old rotary buffers) that the model does not use
@@ -349,4 +389,11 @@ def prepare_for_kbit_training(
     return model
 
 
-__all__ = ["DTYPE_NAMES", "load_model", "prepare_for_kbit_training", "stream_safetensors", "weight_files"]
+__all__ = [
+    "DTYPE_NAMES",
+    "load_model",
+    "load_tokenizer",
+    "prepare_for_kbit_training",
+    "stream_safetensors",
+    "weight_files",
+]

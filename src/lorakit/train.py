@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
@@ -28,10 +27,11 @@ from lorakit.data import DataError, load_dataset, make_collator
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
 from lorakit.files import write_adapter_dir
+from lorakit.gguf_read import is_gguf
 from lorakit.hardware import DTYPE_NAMES, bf16_report
 from lorakit.inject import wrap
 from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
-from lorakit.loading import load_model
+from lorakit.loading import load_model, load_tokenizer
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.methods import TrainingHooks, method_of
 from lorakit.optim import build_optimizer as make_optimizer
@@ -109,11 +109,11 @@ def load_base(recipe: Recipe, quantize: bool = True):
             "train.activation_offload=true offloads the inputs kept by gradient checkpointing; set "
             "model.gradient_checkpointing=true too, or train.activation_offload=false"
         )
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path: expected a Hugging Face model directory with config.json, got {path}")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=section.trust_remote_code
-    )
+    if not (path / "config.json").is_file() and not is_gguf(path):
+        raise ConfigError(
+            f"model.path: expected a Hugging Face model directory with config.json or a .gguf file, got {path}"
+        )
+    tokenizer = load_tokenizer(path, trust_remote_code=section.trust_remote_code)
     model = load_model(
         path, quantize=section.quantize if quantize else None, double_quant=section.double_quant,
         blocksize=section.blocksize, compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),

@@ -30,6 +30,7 @@ from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.gguf_read import is_gguf
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
 from lorakit.serve.engine import ADAPTER_NAME, Engine, EngineConfig, GenerationRequest, RequestHandle
@@ -82,9 +83,11 @@ class ServeConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (Path(self.model_dir) / "config.json").is_file():
+        gguf = is_gguf(self.model_dir) and Path(self.model_dir).is_file()
+        if not (Path(self.model_dir) / "config.json").is_file() and not gguf:
             raise ConfigError(
-                f"model_dir: {self.model_dir!r} holds no config.json (a Hugging Face model dir)"
+                f"model_dir: {self.model_dir!r} holds no config.json (a Hugging Face model dir) "
+                "and is not a .gguf file"
             )
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port: expected 0..65535, got {self.port!r}")
@@ -444,14 +447,12 @@ class Server:
 
 
 def _load(config: ServeConfig):
-    from transformers import AutoTokenizer
-
-    from lorakit.loading import load_model
+    from lorakit.loading import load_model, load_tokenizer
 
     model = load_model(
         config.model_dir, quantize=config.quantize, compute_dtype=config.dtype, device=config.device
     )
-    return model, AutoTokenizer.from_pretrained(config.model_dir)
+    return model, load_tokenizer(config.model_dir)
 
 
 def serve(model_dir: str, adapters: dict[str, str] | None = None, **options) -> Server:
