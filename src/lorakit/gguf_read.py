@@ -90,7 +90,8 @@ def open_gguf(path: str | os.PathLike) -> GgufFile:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, EOFError, UnicodeDecodeError, struct.error) as err:
         raise AdapterFileError(
-            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); is it truncated or another format?"
+            f"{path} is not a complete GGUF file: truncated (an interrupted download or copy?) or another "
+            f"format ({type(err).__name__}: {err})"
         ) from None
     for tensor in reader.tensors:
         end = tensor.data_offset + tensor.n_bytes
