@@ -124,7 +124,8 @@ def add_hf_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             add(int(token_id))
-    bos = tokenizer.bos_token_id  # does plain encoding prepend BOS (a Llama post-processor)? llama.cpp asks the file
+    # Does plain encoding prepend BOS (a Llama post-processor)? llama.cpp reads it from the file.
+    bos = tokenizer.bos_token_id
     writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)

@@ -129,7 +129,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Generate text from a local base model, optionally with one or more adapters.",
     )
     p.add_argument("prompts", nargs="+", help="prompt(s); each is wrapped in --template")
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory or a .gguf file")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat to combine)")
     p.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca", help="prompt template")
     p.add_argument("--input", default="", help="alpaca 'input' field for the prompt(s)")
@@ -191,7 +191,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "transformers loads without lorakit. A 4-bit base is dequantized once and merged exactly: the result "
         "equals the dequantized base the adapter was trained on, plus the adapter.",
     )
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory or a .gguf file")
     p.add_argument(
         "--adapter", action="append", required=True, help="adapter directory (repeat to merge several)"
     )
