@@ -220,8 +220,20 @@ def read_tensor(handle, tensor: Any) -> np.ndarray:
     kind = gguf.GGMLQuantizationType
     if qtype in (kind.I8, kind.I16, kind.I32, kind.I64, kind.F64):
         return raw.view(_NUMPY_TYPES[qtype.name]).reshape(shape)
-    data = raw.reshape(gguf.quant_shape_to_byte_shape(shape, qtype))
-    return gguf.dequantize(data, qtype).reshape(shape)
+    data = raw.reshape(gguf.quant_shape_to_byte_shape(shape, qtype)).reshape(-1, raw.size // _rows(shape))
+    # Row chunks: numpy's dequantization makes several temporaries the size of its input in float32; on the
+    # embedding (the largest tensor) that would be the load's peak.
+    out = np.empty((_rows(shape), shape[-1]), dtype=np.float32)
+    for start in range(0, out.shape[0], DEQUANT_ROWS):
+        out[start : start + DEQUANT_ROWS] = gguf.dequantize(data[start : start + DEQUANT_ROWS], qtype)
+    return out.reshape(shape)
+
+
+DEQUANT_ROWS = 1024  # rows dequantized at a time (a 4096-wide row: 16 KiB in float32)
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
 
 
 _NUMPY_TYPES = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64}
