@@ -23,14 +23,14 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "adapters.qrlora",
     ),
     2: (  # model: find targets, the method table, wrap / activate / merge, quantize or load a whole model
-        "walk", "targets", "quantize", "loading", "adapters.rank_allocator", "methods", "inject", "arithmetic",
+        "walk", "targets", "quantize", "loading", "gguf_read", "adapters.rank_allocator", "methods", "inject", "arithmetic",
         "adapters.pissa",
     ),
-    3: ("compress", "io", "checkpoint", "inspect"),  # files: adapters and checkpoints on disk
+    3: ("compress", "io", "checkpoint", "inspect", "gguf_write"),  # files: adapters and checkpoints on disk
     4: (  # runs: recipes, training, inference, serving, planning, the CLI (and the deprecated names)
         "", "adapter_section", "recipe", "run_dir", "train", "evaluate", "generate", "plan", "plan_terms", "serve", "serve.batch", "serve.engine",
-        "serve.http", "serve.openai", "serve.connections", "cli", "cli.__main__", "cli.torchrun", "__main__", "distributed", "cli.env", "cli.plan",
-        "cli.serve", "cli.boundary", "variants", "variants_io",
+        "serve.http", "serve.openai", "serve.connections", "cli", "cli.__main__", "cli.torchrun", "__main__", "distributed", "cli.env", "cli.export", "cli.plan",
+        "cli.serve", "cli.boundary", "export", "variants", "variants_io",
         "quickstart",
     ),
 }  # fmt: skip

@@ -1,4 +1,4 @@
-"""Evaluation: validation loss / perplexity, and exact match of greedy answers on alpaca rows."""
+"""Evaluation: validation loss / perplexity, and exact match of greedy answers on alpaca or chat rows."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def exact_match_report(
     max_new_tokens: int = 64,
     ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """Answer each alpaca row greedily and score exact match against its ``output``.
+    """Answer each row greedily and score exact match: an alpaca row against its ``output`` (alpaca prompt),
+    a chat row (``messages`` ending in an assistant turn) against that turn, the rest in the chat template.
 
     Under torchrun (``ranks``) with ddp each rank answers its share of the rows and the answers are gathered;
     under FSDP every rank answers every row (a sharded model needs the same forward passes on all ranks).
@@ -67,13 +68,11 @@ def exact_match_report(
     Returns:
         dict: ``exact_match`` (fraction in [0, 1]), ``n``, and ``answers`` (instruction, input, expected, got).
     """
-    from lorakit.data import format_alpaca_prompt
-
     ranks = ranks or Ranks()
+    rows = [_as_prompt_row(r, tokenizer) for r in rows]
     share = rows if ranks.sharded else ranks.mine(rows)
-    prompts = [format_alpaca_prompt(r["instruction"], r.get("input", "")) for r in share]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
-    mine = generate_text(model, tokenizer, prompts, sampling) if prompts else []
+    mine = generate_text(model, tokenizer, [r["prompt"] for r in share], sampling) if share else []
     if ranks.sharded:
         got = mine
     else:  # row i was answered by rank i % world_size, as its (i // world_size)-th
@@ -87,18 +86,37 @@ def exact_match_report(
     return {"exact_match": hits / max(1, len(rows)), "n": len(rows), "answers": answers}
 
 
+def _as_prompt_row(row: dict, tokenizer) -> dict[str, str]:
+    """``instruction``, ``input``, ``output`` and the rendered ``prompt`` of an alpaca or a chat row."""
+    from lorakit.data import format_alpaca_prompt
+    from lorakit.data.formats import chat_messages
+
+    if "instruction" in row:
+        return {**row, "prompt": format_alpaca_prompt(row["instruction"], row.get("input", ""))}
+    messages = chat_messages(row)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return {"instruction": messages[-2]["content"], "output": messages[-1]["content"], "prompt": prompt}
+
+
+def _is_report_row(value) -> bool:
+    if not isinstance(value, dict):
+        return False
+    if {"instruction", "output"} <= value.keys():
+        return True
+    turns = value.get("messages") or value.get("conversations")
+    return isinstance(turns, list) and len(turns) >= 2  # the last turn is the expected answer
+
+
 def perplexity(loss: float) -> float:
     """``exp(loss)``, capped to stay finite."""
     return math.exp(min(loss, 50.0))
 
 
 def report_rows(val_path: str | Path | None, limit: int) -> list[dict[str, str]]:
-    """The first ``limit`` alpaca rows (``instruction`` + ``output``) of a validation file, for
+    """The first ``limit`` alpaca rows (``instruction`` + ``output``) or chat rows of a validation file, for
     :func:`exact_match_report`; none without a validation file."""
     if val_path is None:
         return []
     parsed, _ = read_rows(Path(val_path))
-    rows = [
-        r.value for r in parsed if isinstance(r.value, dict) and {"instruction", "output"} <= r.value.keys()
-    ]
+    rows = [r.value for r in parsed if _is_report_row(r.value)]
     return rows[:limit]

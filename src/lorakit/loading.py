@@ -24,8 +24,10 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterFileError, ConfigError, QuantizationError
+from lorakit.gguf_read import check_tokenizer, gguf_config, gguf_path, is_gguf, open_gguf, stream_gguf
 from lorakit.hardware import DTYPE_NAMES, resolve_dtype
-from lorakit.model_dir import load_model_config
+from lorakit.model_dir import check_model_dir, load_model_config
+from lorakit.model_dir import load_tokenizer as load_directory_tokenizer
 from lorakit.quant import QUANT_TYPES, Linear4bit
 from lorakit.quantize import quantizable_paths
 from lorakit.targets import head_module_path, in_head
@@ -162,11 +164,14 @@ def load_model(
     device: str | torch.device = "cpu",
     model_class: type | None = None,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> nn.Module:
-    """Load a local Hugging Face model directory, streaming its weights and quantizing Linears to 4 bits.
+    """Load a local Hugging Face model directory or GGUF file, streaming its weights and quantizing Linears to 4 bits.
 
     Args:
-        path (str | PathLike): Directory with ``config.json`` and ``*.safetensors`` (sharded or not).
+        path (str | PathLike): Directory with ``config.json`` and ``*.safetensors`` (sharded or not), or a
+            ``.gguf`` file (llama.cpp's format, Llama family: :mod:`lorakit.gguf_read`), whose block-quantized
+            weights are dequantized one tensor at a time.
         quantize (str | None): ``"nf4"`` (default), ``"fp4"``, or ``None`` to load in ``compute_dtype``.
         double_quant (bool): Quantize the block scales too (4.127 bits/param). Default True.
         compute_dtype (torch.dtype | str): Dtype of non-quantized weights and of 4-bit matmuls, or a name
@@ -179,6 +184,8 @@ def load_model(
         device (str | torch.device): Where the weights go. Default ``"cpu"``.
         model_class (type | None): A transformers auto class or model class; default AutoModelForCausalLM.
         trust_remote_code (bool): Allow the checkpoint's own model code. Default False.
+        gguf_file (str | None): A GGUF file inside directory ``path`` (as in transformers'
+            ``from_pretrained(path, gguf_file=...)``). Default None.
 
     Returns:
         nn.Module: The model in eval mode, all parameters frozen.
@@ -191,8 +198,10 @@ def load_model(
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ConfigError(f"quantize: expected one of {', '.join(QUANT_TYPES)} or None, got {quantize!r}")
     path = Path(path)
-    config = load_model_config(path, trust_remote_code)  # readable, known model_type (lorakit.model_dir)
-    files = weight_files(path)
+    gguf = open_gguf(gguf_path(path, gguf_file)) if is_gguf(path, gguf_file) else None
+    files = weight_files(path) if gguf is None else [gguf.path]
+    # readable, known model_type (lorakit.model_dir); a GGUF file's from its header
+    config = load_model_config(path, trust_remote_code) if gguf is None else gguf_config(gguf)
     cls = model_class or AutoModelForCausalLM
     device = torch.device(device)
     compute_dtype = resolve_dtype(compute_dtype, device)
@@ -205,7 +214,8 @@ def load_model(
     settings = (quantize, double_quant, compute_dtype, blocksize, device)
     pending_bias: dict[str, torch.Tensor] = {}  # biases that arrived before their weight (any shard)
     for file in files:
-        _stream_into(model, file, targets, settings, pending_bias)
+        tensors = stream_safetensors(file) if gguf is None else stream_gguf(gguf, model)
+        _stream_into(model, tensors, targets, settings, pending_bias, file)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
     _check_complete(model, model_class is not None, device, path)
@@ -214,10 +224,55 @@ def load_model(
     return model.eval()
 
 
-def _stream_into(
-    model: nn.Module, file: Path, targets: set[str], settings: tuple, pending_bias: dict[str, torch.Tensor]
+def check_model_source(
+    path: str | os.PathLike, trust_remote_code: bool = False, tokenizer: bool = True
 ) -> None:
-    """Read one safetensors file into the meta-device ``model``, quantizing the weights of ``targets`` as they come.
+    """Before any work: a GGUF file's header (and tokenizer), or a model directory's config, ``model_type`` and
+    (``tokenizer=True``) tokenizer files (:func:`lorakit.model_dir.check_model_dir`).
+
+    Raises:
+        AdapterFileError / ConfigError: What is missing or unreadable, named with its file.
+    """
+    if not is_gguf(path):
+        check_model_dir(path, trust_remote_code, tokenizer)
+    elif tokenizer:
+        check_tokenizer(open_gguf(gguf_path(path)))
+    else:
+        open_gguf(gguf_path(path))
+
+
+def load_tokenizer(
+    path: str | os.PathLike, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The tokenizer (with its chat template) of a model directory or of a GGUF file, offline.
+
+    A GGUF file's tokenizer (``tokenizer.ggml.*``) is converted by transformers to a fast tokenizer.
+
+    Raises:
+        AdapterFileError: A GGUF file without a tokenizer, or one transformers cannot convert.
+    """
+    from transformers import AutoTokenizer
+
+    if not is_gguf(path, gguf_file):
+        return load_directory_tokenizer(path, trust_remote_code)  # files checked, errors named
+    file = gguf_path(path, gguf_file)
+    check_tokenizer(open_gguf(file))
+    try:
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise AdapterFileError(f"{file}: its tokenizer could not be converted ({err})") from None
+
+
+def _stream_into(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    targets: set[str],
+    settings: tuple,
+    pending_bias: dict[str, torch.Tensor],
+    file: Path,
+) -> None:
+    """Read one file's (``file``) ``(name, tensor)`` stream into the meta-device ``model``, quantizing the weights of
+    ``targets`` as they come.
 
     ``settings``: ``(quant_type, double_quant, compute_dtype, blocksize, device)``; ``pending_bias``: biases of
     ``targets`` read before their weight, kept across the files of a sharded checkpoint.
@@ -225,14 +280,14 @@ def _stream_into(
     quantize, double_quant, compute_dtype, blocksize, device = settings
     expected = {key: value.shape for key, value in model.state_dict().items()}
     prefix = f"{model.base_model_prefix}."
-    for name, tensor in stream_safetensors(file):
+    for name, tensor in tensors:
         key = name if name in expected else prefix + name if prefix + name in expected else None
         if key is None:
             continue  # checkpoint extras (e.g. old rotary buffers) that the model does not use
         if tensor.shape != expected[key]:  # weights of another config: refuse before computing nonsense
             raise AdapterFileError(
                 f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json makes it "
-                f"{tuple(expected[key])}; the weights and config.json are of different models"
+                f"{tuple(expected[key])}; the weights and the config are of different models"
             )
         module_path, _, leaf = key.rpartition(".")
         if module_path in targets:
@@ -377,4 +432,12 @@ def prepare_for_kbit_training(
     return model
 
 
-__all__ = ["DTYPE_NAMES", "load_model", "prepare_for_kbit_training", "stream_safetensors", "weight_files"]
+__all__ = [
+    "DTYPE_NAMES",
+    "check_model_source",
+    "load_model",
+    "load_tokenizer",
+    "prepare_for_kbit_training",
+    "stream_safetensors",
+    "weight_files",
+]

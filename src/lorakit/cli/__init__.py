@@ -1,7 +1,7 @@
 """The ``lorakit`` command line: one explicit table of subcommands (:data:`COMMANDS`).
 
-The recipe and adapter subcommands (train, preprocess, generate, merge, inspect) are here; ``serve``, ``plan`` and
-``env`` each have their own module beside this one.
+The recipe and adapter subcommands (train, preprocess, generate, merge, inspect) are here; ``serve``, ``plan``,
+``export`` and ``env`` each have their own module beside this one.
 
 Every subcommand validates its input at the boundary, and runs inside one error boundary
 (:mod:`lorakit.cli.boundary`): a :class:`~lorakit.errors.LorakitError` is printed as one clear line
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lorakit.cli import env, plan, serve
+from lorakit.cli import env, export, plan, serve
 from lorakit.cli.boundary import add_debug_flag, run_command
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
@@ -124,7 +124,9 @@ def _print_result(result, recipe) -> None:
     given = f" --input {shlex.quote(example['input'])}" if example.get("input") else ""
     template = " --template chat" if _data_format(recipe) == "chat" else ""
     print("next:")
-    print(f"  lorakit generate --model {shlex.quote(model)} --adapter {out}{template} --greedy{given} {prompt}")
+    print(
+        f"  lorakit generate --model {shlex.quote(model)} --adapter {out}{template} --greedy{given} {prompt}"
+    )
     print(f"  lorakit merge --model {shlex.quote(model)} --adapter {out} --out {out}-merged")
 
 
@@ -165,7 +167,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Generate text from a local base model, optionally with one or more adapters.",
     )
     p.add_argument("prompts", nargs="+", help="prompt(s); each is wrapped in --template")
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory or a .gguf file")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat to combine)")
     p.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca", help="prompt template")
     p.add_argument("--input", default="", help="alpaca 'input' field for the prompt(s)")
@@ -188,48 +190,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _base_quantize(choice: str | None, adapters: list[str]) -> str | None:
     """The quantization the adapter was trained with (from its recipe.yaml) unless given explicitly."""
-    if choice is not None:
-        return None if choice == "none" else choice
-    import yaml
+    from lorakit.export import base_quantize
 
-    for adapter in adapters:
-        recipe = Path(adapter) / "recipe.yaml"
-        if recipe.is_file():
-            return (yaml.safe_load(recipe.read_text()) or {}).get("model", {}).get("quantize")
-    return None
+    return base_quantize(choice, adapters)
 
 
 def _load_for_inference(model_dir: str, adapters: list[str], quantize: str | None, dtype: str = "auto"):
-    import lorakit
-    from lorakit.loading import load_model
-    from lorakit.model_dir import check_model_dir, load_tokenizer
+    from lorakit.export import load_with_adapters
 
-    tokenizer_dir = adapters[0] if adapters and _has_tokenizer(adapters[0]) else model_dir
-    check_model_dir(model_dir, tokenizer=tokenizer_dir == model_dir)  # before any work
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_model(model_dir, quantize=quantize, compute_dtype=dtype)
-    names = []
-    for i, adapter in enumerate(adapters):
-        name = f"adapter_{i}"
-        lorakit.load_adapter(model, adapter, adapter_name=name, activate=False)
-        names.append(name)
-    if names:
-        lorakit.set_adapter(model, names)
-    return model, tokenizer
-
-
-def _checkpoint_dtype(model_dir: str) -> str:
-    """The dtype a model directory's config.json says its weights are stored in (float32 if it names none)."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "float32"
-    named = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-    return named if named in ("bfloat16", "float16", "float32") else "float32"
-
-
-def _has_tokenizer(directory: str) -> bool:
-    return (Path(directory) / "tokenizer_config.json").is_file()
+    return load_with_adapters(model_dir, adapters, quantize, dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -260,7 +229,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "transformers loads without lorakit. A 4-bit base is dequantized once and merged exactly: the result "
         "equals the dequantized base the adapter was trained on, plus the adapter.",
     )
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory or a .gguf file")
     p.add_argument(
         "--adapter", action="append", required=True, help="adapter directory (repeat to merge several)"
     )
@@ -279,31 +248,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import shutil
-
-    import torch
-
-    import lorakit
-    from lorakit.errors import ConfigError
+    from lorakit.export import check_out, export_merged
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(
-            f"--out {out} already exists and is not empty; pass --overwrite or choose another path"
-        )
+    check_out(out, args.overwrite)
     # Merged in fp32 (a 4-bit base is dequantized to fp32 once), rounded once to the saved dtype.
-    model, tokenizer = _load_for_inference(
-        args.model, args.adapter, _base_quantize(args.quantize, args.adapter), "float32"
+    dtype = export_merged(
+        args.model, args.adapter, out, _base_quantize(args.quantize, args.adapter), args.dtype
     )
-    dtype = _checkpoint_dtype(args.model) if args.dtype == "auto" else args.dtype
-    merged = lorakit.merge_and_unload(model).to(getattr(torch, dtype))
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     print(f"merged model written to {out} ({dtype})")
     return 0
 
@@ -347,12 +299,12 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from lorakit.data import load_dataset, render_masked_sample
-    from lorakit.model_dir import load_tokenizer
+    from lorakit.loading import load_tokenizer
     from lorakit.recipe import load_recipe
 
     recipe_path, overrides = _split_recipe_args(args)
     recipe = load_recipe(recipe_path, overrides)
-    tokenizer = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     train_set, _, stats = load_dataset(recipe.data, tokenizer)
     print(stats.summary())
     if args.debug:
@@ -366,6 +318,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "generate": (_add_generate, cmd_generate),
     "merge": (_add_merge, cmd_merge),
+    "export": (export.add_parser, export.run),
     "inspect": (_add_inspect, cmd_inspect),
     "preprocess": (_add_preprocess, cmd_preprocess),
     "serve": (serve.add_parser, serve.run),

@@ -26,9 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         epilog=EPILOG_SERVE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model", required=True, help="base model directory (Hugging Face format, with its tokenizer)"
-    )
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory or a .gguf file")
     p.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=DIR",
         help="load the adapter in DIR under NAME at start (repeat); DIR is taken from --adapter-root when given",

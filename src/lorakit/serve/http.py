@@ -30,6 +30,7 @@ from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.gguf_read import is_gguf
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
 from lorakit.serve.connections import LimitedHTTPServer, read_json_body, sigterm_as_interrupt
@@ -93,9 +94,11 @@ class ServeConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (Path(self.model_dir) / "config.json").is_file():
+        gguf = is_gguf(self.model_dir) and Path(self.model_dir).is_file()
+        if not (Path(self.model_dir) / "config.json").is_file() and not gguf:
             raise ConfigError(
-                f"model_dir: {self.model_dir!r} holds no config.json (a Hugging Face model dir)"
+                f"model_dir: {self.model_dir!r} holds no config.json (a Hugging Face model dir) "
+                "and is not a .gguf file"
             )
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port: expected 0..65535, got {self.port!r}")
@@ -109,8 +112,10 @@ class ServeConfig(EngineConfig):
             raise ConfigError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: expected >= 1024, got {self.max_body_bytes}")
-        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or (
-            self.max_connections < 1
+        if (
+            isinstance(self.max_connections, bool)
+            or not isinstance(self.max_connections, int)
+            or (self.max_connections < 1)
         ):
             raise ConfigError(f"max_connections: expected an integer >= 1, got {self.max_connections!r}")
         for name in ("header_timeout", "body_timeout", "shutdown_grace"):
@@ -463,10 +468,9 @@ class Server:
 
 
 def _load(config: ServeConfig):
-    from lorakit.loading import load_model
-    from lorakit.model_dir import check_model_dir, load_tokenizer
+    from lorakit.loading import check_model_source, load_model, load_tokenizer
 
-    check_model_dir(config.model_dir)  # config, model_type and tokenizer before any work
+    check_model_source(config.model_dir)  # config, model_type and tokenizer before any work
     tokenizer = load_tokenizer(config.model_dir)
     model = load_model(
         config.model_dir, quantize=config.quantize, compute_dtype=config.dtype, device=config.device
