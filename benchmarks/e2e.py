@@ -212,13 +212,24 @@ def heldout_loss(model, tokenizer, work: Workload, precision: str) -> float:
 
 
 def count_flops(step) -> int:
-    """FLOPs of one call of ``step`` (forward and backward), as ``torch.utils.flop_counter`` counts them."""
+    """FLOPs of one call of ``step`` (forward and backward), as ``torch.utils.flop_counter`` counts them; with
+    ``E2E_PROFILE=1`` the step runs once more under ``torch.profiler`` and its top ops go to ``PROFILE``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         step()
+    if os.environ.get("E2E_PROFILE") == "1":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=40
+        )
+        PROFILE.append(table)
     return counter.get_total_flops()
+
+
+PROFILE: list[str] = []
 
 
 def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
@@ -348,6 +359,7 @@ def child(args: argparse.Namespace) -> None:
     run["tokens_per_s"] = sum(tokens[1:]) / (times[-1] - times[0])
     run["precision"] = precision
     run["steps"] = len(times)
+    run["profile"] = PROFILE[0] if PROFILE else None
     Path(args.result).write_text(json.dumps(run))
 
 
@@ -411,6 +423,8 @@ def main() -> None:
             for stack in order:
                 runs[stack].append(launch(stack, name, args))
                 r = runs[stack][-1]
+                if r.get("profile") and round_ == 0:
+                    print(f"{stack} on {name}: one step, ops by self CPU time\n{r['profile']}")
                 print(f"  {name} round {round_ + 1} {stack}: {r['tokens_per_s']:.0f} tok/s, first step "
                       f"{r['first_step_s']:.1f} s, RSS {r['rss'] / 2**30:.2f} GiB, held-out {r['heldout']:.4f}")  # fmt: skip
         medians = {stack: summarize(r) for stack, r in runs.items()}
