@@ -29,6 +29,10 @@ Measured per run:
   batch of the run, per real token) times the run's tokens/s, against the machine's measured matmul rate
   (``lorakit.hardware.matmul_gflops``, what ``lorakit env`` prints) in the compute dtype.
 
+The levers (each on by default; ``0`` turns one off in the lorakit runs, to measure what it pays):
+``E2E_PADDING_FREE`` (padding-free batches), ``E2E_CHUNKED`` (the head only at target positions, chunked),
+``E2E_FUSED`` (the LoRA autograd function). ``E2E_PROFILE=1`` prints a profile of one step of each stack.
+
 Usage (in a quiet window; about 3 minutes per workload and round on 2 cores):
     .venv/bin/python benchmarks/e2e.py [--workload quickstart|smollm2|all] [--rounds 2] [--threads 2]
 For an AVX2-only machine on a wider CPU: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``.
@@ -246,6 +250,9 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
                   "chunked_loss": os.environ.get("E2E_CHUNKED", "1") == "1", "seed": 42},
         "output_dir": str(out / "lorakit"), "overwrite": True,
     })  # fmt: skip
+    from lorakit.adapters.lora import LoraLinear
+
+    LoraLinear.fused_autograd = os.environ.get("E2E_FUSED", "1") == "1"
     result = train(recipe, progress=False)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps = [line for line in result.history if "tokens" in line]
@@ -420,17 +427,21 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"lorakit": [], "trl": []}
         for round_ in range(args.rounds):
             order = ["lorakit", "trl"] if round_ % 2 == 0 else ["trl", "lorakit"]
-            for stack in order:
+            for stack in (s for s in order if s in args.stacks.split(",")):
                 runs[stack].append(launch(stack, name, args))
                 r = runs[stack][-1]
                 if r.get("profile") and round_ == 0:
                     print(f"{stack} on {name}: one step, ops by self CPU time\n{r['profile']}")
                 print(f"  {name} round {round_ + 1} {stack}: {r['tokens_per_s']:.0f} tok/s, first step "
                       f"{r['first_step_s']:.1f} s, RSS {r['rss'] / 2**30:.2f} GiB, held-out {r['heldout']:.4f}")  # fmt: skip
-        medians = {stack: summarize(r) for stack, r in runs.items()}
+        medians = {stack: summarize(r) for stack, r in runs.items() if r}
         for row in medians.values():
             row["gflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e9
             row["of_matmul_rate"] = row["gflops"] / rate
+        document[name] = {"runs": runs, "median": medians}
+        if len(medians) < 2:
+            print(json.dumps(medians, indent=1))
+            continue
         ours, theirs = medians["lorakit"], medians["trl"]
         document[name] = {"runs": runs, "median": medians, "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
                           "heldout_rel_diff": ours["heldout"] / theirs["heldout"] - 1,
