@@ -59,7 +59,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from results_file import machine_record, write_results  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "src" / "lorakit" / "quickstart"
@@ -405,6 +405,9 @@ def main() -> None:
     parser.add_argument(
         "--name", default="e2e", help="results file stem (benchmarks/results/<name>.<kind>.json)"
     )
+    parser.add_argument(
+        "--stacks", default="lorakit,trl", help="which stacks run: lorakit,trl (default both)"
+    )
     parser.add_argument("--child", choices=["lorakit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -421,6 +424,7 @@ def main() -> None:
     document = {
         "matmul_gflops": {str(dtype).removeprefix("torch."): rate},
         "loadavg_before": os.getloadavg()[0],
+        "meta": {k: str(v) for k, v in vars(args).items() if k not in ("child", "result")},
     }
     print(f"matmul {dtype}: {rate:.1f} GFLOP/s on {args.threads} threads; load {os.getloadavg()[0]:.2f}")
     for name in names:
@@ -441,16 +445,15 @@ def main() -> None:
         document[name] = {"runs": runs, "median": medians}
         if len(medians) < 2:
             print(json.dumps(medians, indent=1))
+            write_results(args.name, document)
             continue
         ours, theirs = medians["lorakit"], medians["trl"]
         document[name] = {"runs": runs, "median": medians, "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
                           "heldout_rel_diff": ours["heldout"] / theirs["heldout"] - 1,
                           "rss_ratio": ours["rss"] / theirs["rss"]}  # fmt: skip
         print_table(name, medians, document[name])
-    document["loadavg_after"] = os.getloadavg()[0]
-    document["meta"] = {k: str(v) for k, v in vars(args).items() if k not in ("child", "result")}
-    document["machine_at_start"] = machine_record()
-    write_results(args.name, document)
+        document["loadavg_after"] = os.getloadavg()[0]  # the file is rewritten after every workload
+        write_results(args.name, document)
 
 
 def print_table(name: str, medians: dict, summary: dict) -> None:
