@@ -207,7 +207,9 @@ def layer_activation_bytes(model: ModelShape, config: PlanConfig, first: bool = 
     # lorakit's LoraProduct (adapters/lora_fn.py) keeps each adapter's input as it is, no copy: q/k/v share the
     # attention norm's output, gate/up the MLP norm's, o_proj's input is the attention output counted above.
     inputs = {"q_proj": H, "k_proj": H, "v_proj": H, "gate_proj": H, "up_proj": H, "down_proj": inter}
-    shared = dict.fromkeys(("q_proj", "k_proj", "v_proj"), "attention") | dict.fromkeys(("gate_proj", "up_proj"), "mlp")
+    shared = dict.fromkeys(("q_proj", "k_proj", "v_proj"), "attention") | dict.fromkeys(
+        ("gate_proj", "up_proj"), "mlp"
+    )
     adapters = c * sum({shared.get(n, n): inputs[n] for n in targets if n in inputs}.values())
     for name in targets:  # the rank-r hidden, and with dropout the boolean mask (also in the first layer)
         adapters += c * config.r + (shapes[name][0] if config.lora_dropout > 0 else 0)
