@@ -19,7 +19,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "hardware", "bounded_yaml", "run_lock", "model_dir",
     ),
     1: (  # layers: one file per method, each an nn.Module wrapping its base layer
-        "adapters", "adapters.base", "adapters.lora", "adapters.dora", "adapters.mixed", "adapters.adalora",
+        "adapters", "adapters.base", "adapters.lora", "adapters.lora_fn", "adapters.dora", "adapters.mixed", "adapters.adalora",
         "adapters.qrlora",
     ),
     2: (  # model: find targets, the method table, wrap / activate / merge, quantize or load a whole model

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import lorakit
 import lorakit.data.dataset as dataset_module
 from lorakit.data import (
     ALPACA_PROMPT_NO_INPUT,
@@ -24,11 +26,16 @@ from lorakit.data import (
     make_collator,
     make_dataloader,
     pack_dataset,
+    real_token_count,
     render_masked_sample,
     stop_token_ids,
+    supports_padding_free,
+    training_collator,
 )
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.loss import causal_lm_loss_sum
 
+from tiny_models import BUILDERS
 from tokenizer_factory import CORPUS, PLAIN_CHAT_TEMPLATE, build_tokenizer
 
 ALPACA_ROWS = [
@@ -598,3 +605,63 @@ def test_unknown_keys_cannot_be_detected(tmp_path, tok):
         DataError, match=r"a.jsonl:1: cannot detect the data format from the keys \['answer', 'question'\]"
     ):
         load_dataset(DataConfig(path), tok)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_padding_free_batch_gives_the_loss_and_gradients_of_the_padded_batch(
+    tmp_path, arch, attn_implementation
+):
+    tok = build_tokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    data, _, _ = load_dataset(DataConfig(path, max_length=256), tok)
+    items = [data[i] for i in range(len(data))]
+    assert len({len(item["input_ids"]) for item in items}) > 1  # unequal lengths: the padded batch pads
+    torch.manual_seed(0)
+    if arch == "gpt2":  # learned positions: room for the padded batch's length
+        base = GPT2LMHeadModel(
+            GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)
+        )
+    else:
+        base = BUILDERS[arch]()
+        base.resize_token_embeddings(len(tok))
+    base.config._attn_implementation = attn_implementation
+    model = lorakit.wrap(base, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()  # GPT-2's own dropout would make the two passes differ; gradients flow all the same
+    params = [p for p in model.parameters() if p.requires_grad]
+    padded = make_collator(tok)(items)
+    fast = training_collator(tok, model)(items)
+    assert supports_padding_free(model) and fast["input_ids"].shape == (1, real_token_count(padded))
+    assert real_token_count(fast) == real_token_count(padded) < padded["input_ids"].numel()
+    results = []
+    for batch in (padded, fast):
+        loss_sum, count = causal_lm_loss_sum(model, batch)
+        results.append((loss_sum / count, count, torch.autograd.grad(loss_sum / count, params)))
+    (ref, ref_count, ref_grads), (ours, count, grads) = results
+    assert count == ref_count
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_free_is_the_training_default_and_can_be_turned_off(tmp_path):
+    tok = build_tokenizer()
+    model = BUILDERS["llama"]()
+    assert training_collator(tok, model).padding_free
+    assert not training_collator(tok, model, padding_free=False).padding_free
+    assert DataConfig(tmp_path / "d.jsonl").padding_free
+    with pytest.raises(ConfigError, match="padding_free"):
+        DataConfig(tmp_path / "d.jsonl", padding_free="yes")
+    encoder = BUILDERS["bert"]()  # no causal LM: a model without position_ids in forward would fall back
+    encoder.forward = lambda input_ids=None, attention_mask=None: None
+    assert not training_collator(tok, encoder).padding_free
+
+    class Leaky(torch.nn.Module):  # takes position_ids but lets every token see all earlier ones
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 4)
+
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return SimpleNamespace(logits=self.embed(input_ids).cumsum(1))
+
+    assert not supports_padding_free(Leaky()) and not training_collator(tok, Leaky()).padding_free

@@ -249,3 +249,51 @@ def test_adapter_added_in_eval_mode_has_no_active_dropout():
     _randomize(model)
     ids = sample_ids()
     torch.testing.assert_close(model_output(model, ids), model_output(model, ids))
+
+
+def _loss_and_grads(model, batch, fused: bool, dtype=None):
+    LoraLinear.fused_autograd = fused
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(**batch).loss
+        return loss, torch.autograd.grad(loss, params)
+    finally:
+        LoraLinear.fused_autograd = True
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and Conv1D bases
+def test_fused_lora_product_gives_the_reference_loss_and_gradients(arch):
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = lorakit.wrap(BUILDERS[arch](), config)  # eval mode: GPT-2's own dropout off
+    ids = sample_ids(batch=2, length=9)
+    batch = {"input_ids": ids, "labels": ids}
+    ref_loss, ref_grads = _loss_and_grads(model, batch, fused=False)
+    loss, grads = _loss_and_grads(model, batch, fused=True)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # bf16 autocast (the fast path's reason to exist): the same up to bf16 rounding
+    bf16_loss, bf16_grads = _loss_and_grads(model, batch, fused=True, dtype=torch.bfloat16)
+    torch.testing.assert_close(bf16_loss, ref_loss, atol=5e-2, rtol=2e-2)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in bf16_grads)
+
+
+def test_fused_lora_product_dropout_keeps_the_mask_for_backward():
+    layer = LoraLinear(nn.Linear(16, 8))
+    layer.add_adapter("default", r=4, lora_alpha=4, scaling=1.0, lora_dropout=0.5, init_lora_weights=False)
+    layer.active_adapters = ["default"]
+    layer.train()
+    x = torch.randn(3, 16, requires_grad=True)
+    torch.manual_seed(0)
+    out = layer(x)
+    out.sum().backward()
+    # The dropped input is x times a 0/2 mask; A's gradient sees it, and x's adapter gradient is zero where dropped.
+    base_grad = layer.base_layer.weight.sum(0)  # d(sum of base out)/dx
+    adapter_grad = x.grad - base_grad  # [3, 16]
+    dropped = adapter_grad.abs() < 1e-7
+    assert dropped.any() and (~dropped).any()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    kept = (~dropped).float() * 2  # the mask as the function used it
+    expected_a = b.sum(0)[:, None] * (x.detach() * kept).sum(0)[None, :]  # sum over rows of g B ⊗ drop(x)
+    torch.testing.assert_close(a.grad, expected_a, atol=1e-5, rtol=1e-5)

@@ -147,13 +147,12 @@ def test_activation_count_equals_autograd_saved_tensors(method, dropout, kv_head
     assert measured[2] == pytest.approx(layer_activation_bytes(shape, config), abs=0.5)
     rope = 2 * 64 * shape.head_width * 2 / (2 * 64)  # cos / sin [T, head_dim] bf16, first saved in layer 0
     first = layer_activation_bytes(shape, config, first=method != "full")
-    # layer 0's q/k/v inputs need no gradient, so autograd drops the bf16 casts of their lora_A weights
-    uncast = 0 if method == "full" else 3 * 8 * shape.hidden_size * 2 / (2 * 64)
-    assert measured[0] == pytest.approx(first + rope - uncast, abs=0.5)
+    # lorakit's LoraProduct keeps its factors' bf16 casts in layer 0 too (the module path dropped q/k/v's there)
+    assert measured[0] == pytest.approx(first + rope, abs=0.5)
 
 
 def test_fits_and_suggestions():
-    base = dict(method="qlora", r=16, batch_size=4, seq_len=512)
+    base = dict(method="qlora", r=16, batch_size=6, seq_len=512)  # batch 4 fits since LoraProduct saves less
     plan = plan_memory("llama-2-7b", gpu_memory="24GB", **base)
     assert plan.fits is False
     text = " ".join(plan.suggestions)

@@ -18,7 +18,7 @@ import lorakit
 from lorakit.adapters.base import AdapterLinear
 from lorakit.adapters.rank_allocator import AdaLoraController
 from lorakit.cli import main
-from lorakit.data import load_dataset, make_collator
+from lorakit.data import load_dataset, training_collator
 from lorakit.errors import ConfigError
 from lorakit.evaluate import evaluate_loss
 from lorakit.inject import (
@@ -89,7 +89,8 @@ def _fresh(recipe, adapter=None, is_trainable=False):
 
 def _eval_loss(recipe, tokenizer, model) -> float:
     _, val_set, _ = load_dataset(recipe.data, tokenizer)
-    return evaluate_loss(model, val_set, make_collator(tokenizer), recipe.train, torch.device("cpu"))
+    collator = training_collator(tokenizer, model, recipe.data.padding_free)  # the batches training evaluated
+    return evaluate_loss(model, val_set, collator, recipe.train, torch.device("cpu"))
 
 
 IDS = torch.tensor([[1, 5, 9, 30, 44, 2, 17, 8]])

@@ -182,9 +182,9 @@ def layer_activation_bytes(model: ModelShape, config: PlanConfig, first: bool = 
     - full fine-tuning: each weight's gradient needs the Linear's input: the two norm outputs and the down
       projection's input (q/k/v and gate/up share theirs; o's input is the SDPA output). With fp32 weights,
       autocast makes a bf16 copy of the input for each Linear.
-    - LoRA / QLoRA (frozen base: the base Linear saves no input): per adapter, the compute-dtype copy of its input
-      that ``lora_A`` saves (the adapter runs in fp32 under autocast), the rank-r hidden that ``lora_B`` saves,
-      and with dropout the fp32 mask.
+    - LoRA / QLoRA (frozen base: the base Linear saves no input): lorakit's ``LoraProduct`` keeps each adapter's
+      input itself (q/k/v share one, gate/up one, o_proj's is the attention output), the rank-r hidden, and with
+      dropout a boolean mask per adapter.
 
     Args:
         model (ModelShape): The model.
@@ -206,15 +206,16 @@ def layer_activation_bytes(model: ModelShape, config: PlanConfig, first: bool = 
         inputs = (5 * c * H if fp32 else 2 * c * H) + c * inter
         return norms + attention + mlp + inputs
     shapes = model.linear_shapes()
-    adapters = 0
-    for name in config.targets():
-        d_in = shapes[name][0]
-        mask = (
-            4 * d_in
-            if config.lora_dropout > 0 and not (first and name in ("q_proj", "k_proj", "v_proj"))
-            else 0
-        )
-        adapters += c * d_in + c * config.r + mask
+    targets = config.targets()
+    # lorakit's LoraProduct (adapters/lora_fn.py) keeps each adapter's input as it is, no copy: q/k/v share the
+    # attention norm's output, gate/up the MLP norm's, o_proj's input is the attention output counted above.
+    inputs = {"q_proj": H, "k_proj": H, "v_proj": H, "gate_proj": H, "up_proj": H, "down_proj": inter}
+    shared = dict.fromkeys(("q_proj", "k_proj", "v_proj"), "attention") | dict.fromkeys(
+        ("gate_proj", "up_proj"), "mlp"
+    )
+    adapters = c * sum({shared.get(n, n): inputs[n] for n in targets if n in inputs}.values())
+    for name in targets:  # the rank-r hidden, and with dropout the boolean mask (also in the first layer)
+        adapters += c * config.r + (shapes[name][0] if config.lora_dropout > 0 else 0)
     norms = (1 if first else 2) * (4 * H + 4)
     return norms + attention + mlp + adapters
 

@@ -23,7 +23,7 @@ from lorakit import distributed
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
 from lorakit.checkpoint import list_checkpoints, load_checkpoint
-from lorakit.data import DataError, load_dataset, make_collator
+from lorakit.data import DataError, load_dataset, real_token_count, training_collator
 from lorakit.errors import ConfigError
 from lorakit.evaluate import evaluate_loss, exact_match_report, report_rows
 from lorakit.hardware import DTYPE_NAMES
@@ -275,11 +275,14 @@ def _train(
             loss, grad_norm = _optimizer_step(run, micro, cfg, state.step + 1, checkpoints)
             state.step += 1
             result.final_train_loss = loss
-            tokens_seen += ranks.sum([sum(int(b["input_ids"].numel()) for b in micro if target_count(b))])[0]
+            tokens = int(
+                ranks.sum([sum(real_token_count(b) for b in micro if target_count(b))])[0]
+            )  # no pads
+            tokens_seen += tokens
             speed = tokens_seen / max(1e-9, time.perf_counter() - window_start)
             line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
-                    "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(speed, 1),
-                    **run.hooks.metrics()}  # fmt: skip
+                    "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
+                    "tokens_per_s": round(speed, 1), "time": round(time.time(), 3), **run.hooks.metrics()}  # fmt: skip
             state.history.append(line)
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 log.write(line, "train", ("loss", "lr", "grad_norm", "tokens_per_s"))
@@ -359,7 +362,8 @@ def _setup(recipe: Recipe, out: Path, ranks: distributed.Ranks) -> _Run:
         optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.scheduler)
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    return _Run(model, tokenizer, hooks, train_set, val_set, make_collator(tokenizer), optimizer, scheduler,
+    collator = training_collator(tokenizer, model, recipe.data.padding_free)  # padding-free where it can
+    return _Run(model, tokenizer, hooks, train_set, val_set, collator, optimizer, scheduler,
                 scaler, _device(), total_steps, ranks)  # fmt: skip
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from lorakit.adapters import dora, mixed
 from lorakit.adapters.base import AdapterLinear, ModulesToSaveWrapper, base_layer_shape, is_quantized
+from lorakit.adapters.lora_fn import lora_product
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 
@@ -47,6 +49,10 @@ class LoraLinear(AdapterLinear):
         "lora_alpha",
         "scaling",
     )
+
+    # Training products through lora_fn.LoraProduct (fewer passes over the activations); False: the module path,
+    # the reference the tests compare it with.
+    fused_autograd: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -157,7 +163,15 @@ class LoraLinear(AdapterLinear):
     # -------------------------------------------------------------------------------------------- forward
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        x_adapter = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        dropout = self.lora_dropout[name]
+        plain = isinstance(dropout, (nn.Dropout, nn.Identity)) and name not in self.lora_magnitude_vector
+        if self.fused_autograd and plain and torch.is_grad_enabled():
+            # Training: one autograd function with a lean backward (lora_fn.py); the modules below are the reference.
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            return lora_product(
+                x, lora_a.weight, lora_b.weight, result, self.scaling[name], p, dropout.training
+            )
+        x_adapter = dropout(x.to(lora_a.weight.dtype))
         if name in self.lora_magnitude_vector:
             # DoRA reuses the base output (no second matmul with W0); dropout acts on the adapter input only,
             # as for LoRA (PEFT instead recomputes the base path on the dropped x: docs/variants.md).

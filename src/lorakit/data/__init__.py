@@ -9,7 +9,16 @@
 * :mod:`~lorakit.data.collate`: dynamic padding and the attention of packed rows.
 """
 
-from lorakit.data.collate import Collator, additive_mask, block_causal_mask, make_collator, make_dataloader
+from lorakit.data.collate import (
+    Collator,
+    additive_mask,
+    block_causal_mask,
+    make_collator,
+    make_dataloader,
+    real_token_count,
+    supports_padding_free,
+    training_collator,
+)
 from lorakit.data.config import DataConfig, DataError
 from lorakit.data.dataset import (
     DataStats,
@@ -45,7 +54,10 @@ __all__ = [
     "make_collator",
     "make_dataloader",
     "pack_dataset",
+    "real_token_count",
     "render_masked_sample",
     "split_dataset",
     "stop_token_ids",
+    "supports_padding_free",
+    "training_collator",
 ]

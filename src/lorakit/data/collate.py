@@ -11,10 +11,16 @@ say so, both exact (``tests/test_data.py`` checks them against running each samp
 * ``packed_attention="position_ids"``: no ``attention_mask``; transformers 5 finds the sample boundaries from
   the ``position_ids`` resets (``find_packed_sequence_indices``, used when there is no mask and no KV cache,
   so call the model with ``use_cache=False``), which is also what flash-attention varlen kernels use.
+
+Padding-free batches (``padding_free=True``, the training default where the model takes ``position_ids``): the
+batch's items are concatenated into one row ``[1, sum of lengths]`` with per-sample ``position_ids``, so no
+pad token costs a FLOP. The loss is the unpadded batch's: every sample's first label is -100, so no target
+crosses a boundary, and the attention is the packed rows' (exact, ``tests/test_data.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -55,13 +61,27 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def real_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens of a collated batch that are not padding.
+
+    Padded batches say it in their 2-D ``attention_mask``; padding-free rows hold no pad at all. Packed rows
+    padded to a common length (``packing`` without ``padding_free``) count their end padding too.
+    """
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
 class Collator:
-    """Pads a list of dataset items into a batch.
+    """Pads a list of dataset items into a batch, or concatenates them into one padding-free row.
 
     Args:
         pad_token_id (int): Id written into padding positions (their labels are -100 and they are masked).
         packed_attention (str): For packed rows, ``"mask"`` (default: 4-D block-diagonal boolean
             ``attention_mask`` plus ``position_ids``) or ``"position_ids"`` (``position_ids`` only).
+        padding_free (bool): Concatenate the items (samples or packed rows) into one ``[1, sum of lengths]``
+            row with per-sample ``position_ids`` (attention as ``packed_attention`` says). Default False.
 
     Returns (from ``__call__``):
         dict[str, torch.Tensor]: ``input_ids`` ``[B, T]`` int64, ``labels`` ``[B, T]`` int64 (-100 on
@@ -70,15 +90,18 @@ class Collator:
         item in the batch.
     """
 
-    def __init__(self, pad_token_id: int, packed_attention: str = "mask") -> None:
+    def __init__(self, pad_token_id: int, packed_attention: str = "mask", padding_free: bool = False) -> None:
         if packed_attention not in PACKED_ATTENTION:
             raise ConfigError(
                 f"packed_attention: expected one of {PACKED_ATTENTION}, got {packed_attention!r}"
             )
         self.pad_token_id = pad_token_id
         self.packed_attention = packed_attention
+        self.padding_free = padding_free
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self._one_row(items)
         batch_size, length = len(items), max(len(item["input_ids"]) for item in items)
         packed = "position_ids" in items[0]
         input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.int64)  # [B, T]
@@ -99,18 +122,33 @@ class Collator:
         if not packed:
             batch["attention_mask"] = mask_or_positions
             return batch
-        batch["position_ids"] = mask_or_positions
+        return self._with_positions(batch, mask_or_positions)
+
+    def _one_row(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The items end to end in one row: ``[1, N]`` ids, labels and positions (restarting per sample)."""
+        positions = [
+            item["position_ids"] if "position_ids" in item else torch.arange(len(item["input_ids"]))
+            for item in items
+        ]
+        batch = {key: torch.cat([item[key] for item in items])[None] for key in ("input_ids", "labels")}
+        return self._with_positions(batch, torch.cat(positions)[None])
+
+    def _with_positions(
+        self, batch: dict[str, torch.Tensor], positions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        batch["position_ids"] = positions  # [B, T]
         if self.packed_attention == "mask":
-            batch["attention_mask"] = block_causal_mask(mask_or_positions)
+            batch["attention_mask"] = block_causal_mask(positions)  # [B, 1, T, T]
         return batch
 
 
-def make_collator(tokenizer: Any, packed_attention: str = "mask") -> Collator:
+def make_collator(tokenizer: Any, packed_attention: str = "mask", padding_free: bool = False) -> Collator:
     """A :class:`Collator` padding with the tokenizer's pad token (EOS when it has none; pads are masked).
 
     Args:
         tokenizer (PreTrainedTokenizerBase): The tokenizer.
         packed_attention (str): ``"mask"`` or ``"position_ids"``, see :class:`Collator`. Default ``"mask"``.
+        padding_free (bool): One row per batch, no padding (see :class:`Collator`). Default False.
 
     Returns:
         Collator: The collator.
@@ -118,7 +156,51 @@ def make_collator(tokenizer: Any, packed_attention: str = "mask") -> Collator:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("tokenizer: expected a pad_token or an eos_token to pad with, got neither")
-    return Collator(pad, packed_attention)
+    return Collator(pad, packed_attention, padding_free)
+
+
+def supports_padding_free(model: Any) -> bool:
+    """Whether ``model`` keeps the samples of a padding-free row apart when told by ``position_ids`` alone.
+
+    Checked, not assumed (transformers 5 finds packed samples from position resets in most decoders, not in
+    all: GPT-2 attends across them): one forward of two rows that share their second sample and differ in the
+    first, ``[a b c | d e]`` and ``[x y z | d e]`` with positions ``0 1 2 0 1``, in eval mode without grad. The
+    second sample's logits are the same in both rows only if nothing crosses the boundary.
+    """
+    forward = getattr(model, "forward", None)
+    try:
+        if forward is None or "position_ids" not in inspect.signature(forward).parameters:
+            return False
+    except (TypeError, ValueError):
+        return False
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 6, 7]], device=device)
+    positions = torch.tensor([[0, 1, 2, 0, 1]] * 2, device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 3:].float()
+    finally:
+        model.train(training)
+    return bool((logits[0] - logits[1]).abs().max() <= 1e-4 * logits.abs().max().clamp(min=1e-6))
+
+
+def training_collator(tokenizer: Any, model: Any, padding_free: bool = True) -> Collator:
+    """The training loop's collator: padding-free rows where ``padding_free`` and the model allows them (samples
+    kept apart through ``position_ids``), else padded batches (packed rows with the 4-D mask).
+
+    Args:
+        tokenizer (PreTrainedTokenizerBase): The tokenizer.
+        model (nn.Module): The model being trained.
+        padding_free (bool): The recipe's ``data.padding_free``. Default True.
+
+    Returns:
+        Collator: The collator.
+    """
+    if padding_free and supports_padding_free(model):
+        return make_collator(tokenizer, "position_ids", padding_free=True)
+    return make_collator(tokenizer)
 
 
 def make_dataloader(

@@ -43,6 +43,9 @@ class DataConfig:
         max_length (int): Longest sample in tokens; longer samples are truncated and counted. Default 512.
         packing (bool): Pack training samples into rows of up to ``max_length`` tokens, with position ids
             restarting per sample and no attention across samples. Default False.
+        padding_free (bool): Train on padding-free batches: each micro-batch's samples (or packed rows) end to
+            end in one row with per-sample positions, no pad token, the same loss as padded batches. Used where
+            the model takes ``position_ids`` (else batches are padded). Default True.
         val_path (str | Path | None): A separate validation file (same formats). Default None.
         val_size (int | float): Validation samples split off the training file: a count (int >= 0) or a
             fraction in (0, 1). Default 0 (no split). Cannot be combined with ``val_path``.
@@ -60,6 +63,7 @@ class DataConfig:
     train_on: str = "response"
     max_length: int = 512
     packing: bool = False
+    padding_free: bool = True
     val_path: str | Path | None = None
     val_size: int | float = 0
     seed: int = 0
@@ -84,8 +88,9 @@ class DataConfig:
             raise _fail("format", "'text' or 'auto' for a .txt file", self.format)
         if not _is_int(self.max_length) or self.max_length < 2:
             raise _fail("max_length", "an int >= 2", self.max_length)
-        if not isinstance(self.packing, bool):
-            raise _fail("packing", "true or false", self.packing)
+        for field in ("packing", "padding_free"):
+            if not isinstance(getattr(self, field), bool):
+                raise _fail(field, "true or false", getattr(self, field))
         if isinstance(self.val_size, float) and self.val_size >= 1 and self.val_size.is_integer():
             self.val_size = int(self.val_size)  # `val_size=5` read as 5.0 (YAML, CLI) is a count
         if _is_int(self.val_size):
