@@ -30,7 +30,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     4: (  # runs: recipes, training, inference, serving, planning, the CLI (and the deprecated names)
         "", "adapter_section", "recipe", "train", "evaluate", "generate", "plan", "plan_terms", "serve", "serve.batch", "serve.engine",
         "serve.http", "serve.openai", "cli", "cli.__main__", "cli.env", "cli.plan", "cli.serve", "variants", "variants_io",
-        "quickstart",
+        "quickstart", "schedule", "packed", "sweep", "sweep_space", "cli.sweep",
     ),
 }  # fmt: skip
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +13,42 @@ from torch import nn
 from lorakit.data import Collator, TokenizedDataset
 from lorakit.data.formats import read_rows
 from lorakit.generate import SamplingConfig, generate_text
-from lorakit.loss import causal_lm_loss_sum
+from lorakit.inject import batch_adapters
+from lorakit.loss import causal_lm_loss_sums
 
 
-@torch.no_grad()
 def evaluate_loss(
     model: nn.Module, dataset: TokenizedDataset, collator: Collator, train_cfg, device
 ) -> float:
     """Mean next-token loss over all target tokens of ``dataset`` (eval mode, no dropout)."""
+    return evaluate_losses(model, dataset, collator, train_cfg, device)[0]
+
+
+@torch.no_grad()
+def evaluate_losses(
+    model: nn.Module, dataset: TokenizedDataset, collator: Collator, train_cfg, device,
+    adapters: list[str] | None = None,
+) -> list[float]:  # fmt: skip
+    """:func:`evaluate_loss` of each of ``adapters`` at once (a training pack, :mod:`lorakit.packed`): each batch
+    repeated once per adapter, each copy through its own adapter over one pass of the shared base. None: the
+    active adapter(s), one value."""
     model.eval()
-    total, count = 0.0, 0
+    blocks = len(adapters) if adapters else 1
+    totals, count = [0.0] * blocks, 0
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
     for start in range(0, len(dataset), train_cfg.batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + train_cfg.batch_size, len(dataset)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss_sum, n = causal_lm_loss_sum(model, batch, chunked=train_cfg.chunked_loss)
-        total, count = total + float(loss_sum), count + n
-    return total / max(1, count)
+        rows = len(batch["input_ids"])
+        batch = {k: v.to(device).repeat(blocks, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # [K·B, ...]
+        routing = (
+            batch_adapters(model, [a for a in adapters for _ in range(rows)], True)
+            if adapters
+            else nullcontext()
+        )
+        with routing, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            sums, n = causal_lm_loss_sums(model, batch, blocks, chunked=train_cfg.chunked_loss)
+        totals, count = [t + float(v) for t, v in zip(totals, sums)], count + n
+    return [t / max(1, count) for t in totals]
 
 
 def normalize_answer(text: str) -> str:

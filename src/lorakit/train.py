@@ -39,6 +39,7 @@ from lorakit.optim.loraplus import loraplus_param_groups
 from lorakit.plot import MetricsLog, plot_metrics
 from lorakit.quantize import quantize_model
 from lorakit.recipe import Recipe, TrainSection
+from lorakit.schedule import lr_lambda, lr_schedule, run_length  # noqa: F401 - lr_lambda's old home
 
 RECIPE_NAME = "recipe.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -138,16 +139,6 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
     return make_optimizer(params, section.optimizer, lr=section.lr, weight_decay=section.weight_decay)
 
 
-def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak lr at ``step``: linear warmup, then cosine / linear decay to 0 or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-
 def _micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's micro-batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
     order = torch.randperm(
@@ -217,7 +208,7 @@ class TrainState:
 
 @dataclass
 class _Run:
-    """The objects one run trains with, built once by :func:`_setup`."""
+    """The objects one run trains with, built once by :func:`_setup` (per config of a pack by :mod:`lorakit.packed`)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -230,6 +221,8 @@ class _Run:
     scaler: torch.amp.GradScaler | None
     device: torch.device
     total_steps: int
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # clipped together; empty: all trainable
+    adapter: str = "default"
 
 
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
@@ -271,27 +264,22 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         run.model.train()
         while state.step < run.total_steps:
             micro, per_epoch = _next_micro_batches(state, run, cfg)
-            loss, grad_norm = _optimizer_step(run, micro, cfg, state.step + 1, checkpoints)
+            loss = accumulate_gradients(
+                run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler
+            )
+            grad_norm = apply_update(run, loss, cfg, state.step + 1, checkpoints)
             state.step += 1
             result.final_train_loss = loss
             tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
             speed = tokens_seen / max(1e-9, time.perf_counter() - window_start)
-            line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
-                    "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(speed, 1),
-                    **run.hooks.metrics()}  # fmt: skip
-            state.history.append(line)
-            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
-                log.write(line, "train", ("loss", "lr", "grad_norm", "tokens_per_s"))
+            line = log_step(run, state, log, cfg, loss, grad_norm, speed, per_epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
             epoch_end = state.micro_index % per_epoch == 0
-            stop = _eval_due(run, cfg, state.step, epoch_end) and _evaluate(run, state, result, log, out, cfg)
-            every = cfg.save_every and state.step % cfg.save_every == 0
-            if every or epoch_end or state.step == run.total_steps or stop:
-                state.scheduler = run.scheduler.state_dict()
-                save_checkpoint(checkpoints / f"step-{state.step:06d}", run.model, run.optimizer,
-                                dataclasses.asdict(state), hooks=run.hooks)  # fmt: skip
-                prune_checkpoints(checkpoints, cfg.keep_last)
+            stop = _eval_due(run, cfg, state.step, epoch_end) and record_eval(
+                run, state, result, log, out, cfg
+            )
+            checkpoint_if_due(run, state, cfg, checkpoints, epoch_end or stop)
             if stop:
                 result.stopped_early = True
                 print(f"early stopping at step {state.step}: no improvement in {state.bad_evals} evaluations")
@@ -302,13 +290,37 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     return _finish(run, recipe, out, state, result, rows, started)
 
 
+def log_step(
+    run: _Run, state: TrainState, log: MetricsLog, cfg: TrainSection, loss: float, grad_norm: float, speed: float,
+    per_epoch: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The step's metrics line: kept in the history, written every ``log_every`` steps and at the last."""
+    line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
+            "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(speed, 1),
+            **run.hooks.metrics()}  # fmt: skip
+    state.history.append(line)
+    if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+        log.write(line, "train", ("loss", "lr", "grad_norm", "tokens_per_s"))
+    return line
+
+
+def checkpoint_if_due(
+    run: _Run, state: TrainState, cfg: TrainSection, checkpoints: Path, force: bool
+) -> None:
+    """Checkpoint every ``save_every`` steps, at the last step and when ``force``; keep the newest ``keep_last``."""
+    every = cfg.save_every and state.step % cfg.save_every == 0
+    if every or force or state.step == run.total_steps:
+        state.scheduler = run.scheduler.state_dict()
+        save_checkpoint(checkpoints / f"step-{state.step:06d}", run.model, run.optimizer,
+                        dataclasses.asdict(state), run.adapter, hooks=run.hooks)  # fmt: skip
+        prune_checkpoints(checkpoints, cfg.keep_last)
+
+
 def _start(recipe: Recipe, resume: str | bool | None) -> Path:
     """Check the device and the output directory, seed, and set the CPU allocator; returns ``output_dir``."""
     if recipe.train.precision == "fp16" and _device().type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if (
-        _device().type == "cpu" and recipe.train.lean_cpu_heap
-    ):  # freed tensors go back to the OS, at a cost in time
+    if _device().type == "cpu" and recipe.train.lean_cpu_heap:  # freed tensors go back to the OS, at a cost
         return_freed_memory_to_os()
     out = _check_output_dir(recipe, bool(resume))
     seed_everything(recipe.train.seed)
@@ -320,9 +332,8 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
     cfg, config = recipe.train, recipe.adapter.adapter_config()
     method = method_of(config)
     float_init = method.float_base_init is not None and method.float_base_init(config)
-    tokenizer, model = load_base(
-        recipe, quantize=not float_init
-    )  # PiSSA's SVD needs the full-precision weights
+    # PiSSA's SVD needs the full-precision weights
+    tokenizer, model = load_base(recipe, quantize=not float_init)
     stacked = [f"stacked_{i}" for i in range(len(recipe.adapter.stack_on))]
     for name, path in zip(stacked, recipe.adapter.stack_on):
         load_adapter(model, path, adapter_name=name, activate=False)
@@ -337,9 +348,7 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
     # leaves nothing behind that would block the corrected run.
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    total_steps, warmup = run_length(cfg, len(train_set))
     hooks = method.training(
         model, "default", total_steps
     )  # after the init (PiSSA keeps it), before quantizing
@@ -349,9 +358,7 @@ def _setup(recipe: Recipe, out: Path) -> _Run:
             model, base.quantize, base.blocksize, base.double_quant, DTYPE_NAMES[base.compute_dtype]
         )
     optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.scheduler)
-    )
+    scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     return _Run(model, tokenizer, hooks, train_set, val_set, make_collator(tokenizer), optimizer, scheduler,
                 scaler, _device(), total_steps)  # fmt: skip
@@ -388,15 +395,9 @@ def _next_micro_batches(
     return micro, per_epoch
 
 
-def _optimizer_step(
-    run: _Run, micro: list[dict[str, torch.Tensor]], cfg: TrainSection, step: int, checkpoints: Path
-) -> tuple[float, float]:
-    """One optimizer step over ``micro`` (loss normalized by their total target tokens); returns loss and grad norm.
-
-    Raises:
-        TrainingError: The loss is NaN or Inf (names the last good checkpoint).
-    """
-    loss = accumulate_gradients(run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler)
+def apply_update(run: _Run, loss: float, cfg: TrainSection, step: int, checkpoints: Path) -> float:
+    """After the step's backward (``loss`` its value): the regularizer, the NaN check (TrainingError naming the last
+    good checkpoint), clipping, the optimizer and scheduler steps. Returns the grad norm before clipping."""
     # A method's regularizer (AdaLoRA's orthogonality term), once per optimizer step: the micro-batch losses above
     # already sum to the mean token loss of the whole step, so adding it per micro-batch would count it grad_accum
     # times. Logged apart from the task loss (which eval_loss is comparable to).
@@ -412,7 +413,7 @@ def _optimizer_step(
         )
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    params = run.params or [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
     if run.scaler:
         run.scaler.step(run.optimizer)
@@ -422,7 +423,7 @@ def _optimizer_step(
     run.hooks.after_step(run.model, step)  # after the update, before zero_grad (AdaLoRA's rank allocation)
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    return loss, float(grad_norm)
+    return float(grad_norm)
 
 
 def _eval_due(run: _Run, cfg: TrainSection, step: int, epoch_end: bool) -> bool:
@@ -433,19 +434,22 @@ def _eval_due(run: _Run, cfg: TrainSection, step: int, epoch_end: bool) -> bool:
     )
 
 
-def _evaluate(
-    run: _Run, state: TrainState, result: TrainResult, log: MetricsLog, out: Path, cfg: TrainSection
-) -> bool:
-    """Evaluate, keep the best adapter in ``out/best``, and say whether early stopping's patience ran out."""
-    eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
-    run.model.train()
+def record_eval(
+    run: _Run, state: TrainState, result: TrainResult, log: MetricsLog, out: Path, cfg: TrainSection,
+    eval_loss: float | None = None,
+) -> bool:  # fmt: skip
+    """Evaluate (unless given ``eval_loss``), log it, keep the best adapter in ``out/best``, and say whether early
+    stopping's patience ran out."""
+    if eval_loss is None:
+        eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device)
+        run.model.train()
     record = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
     state.history.append(record)
     log.write(record, "eval", (), board={"eval/loss": eval_loss, "eval/perplexity": record["eval_ppl"]})
     result.eval_loss = eval_loss
     if state.best_eval is None or eval_loss < state.best_eval:
         state.best_eval, state.bad_evals = eval_loss, 0
-        save_adapter(run.model, out / "best")
+        save_adapter(run.model, out / "best", run.adapter)
         return False
     state.bad_evals += 1
     return cfg.early_stopping_patience is not None and state.bad_evals >= cfg.early_stopping_patience
@@ -462,7 +466,7 @@ def _finish(
 ) -> TrainResult:
     """Write the adapter (and what the method's hooks export), tokenizer, loss curve and summary."""
     run.model.eval()
-    save_adapter(run.model, out)
+    save_adapter(run.model, out, run.adapter)
     for subdir, (tensors, adapter_config) in run.hooks.exports(run.model).items():  # PiSSA: as_lora/
         write_adapter_dir(out / subdir, tensors, adapter_config)
     run.tokenizer.save_pretrained(out)

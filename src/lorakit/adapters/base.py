@@ -129,6 +129,20 @@ class AdapterLinear(nn.Module):
         raise ConfigError(f"{type(self).__name__} has no mixed-adapter batches")
 
     # --------------------------------------------------------------------------------------------- shared
+    def block_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each contiguous block of rows through its own adapter's :meth:`adapter_output` (``row_plan.blocks``).
+
+        A training pack (:mod:`lorakit.packed`): the base output ``result`` [B, ..., out] was computed once for all
+        blocks; each block's rows then take exactly the path a run of that adapter alone takes (dropout, DoRA,
+        scaling), so a block's gradient equals its separate run's. A block whose adapter this layer lacks (other
+        target modules) keeps the base output.
+        """
+        held, parts = self.adapter_names(), []
+        for name, start, stop in self.row_plan.blocks:
+            part = result[start:stop]  # [b, ..., out]
+            parts.append(self.adapter_output(name, x[start:stop], part) if name in held else part)
+        return torch.cat(parts)  # [B, ..., out]
+
     def set_trainable(self, name: str, trainable: bool) -> None:
         """Set ``requires_grad`` on adapter ``name``'s parameters."""
         for param in self.adapter_parameters(name):
@@ -166,6 +180,8 @@ class AdapterLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # [..., out]
         if self.row_plan is not None:
+            if self.row_plan.per_block:
+                return self.block_output(x, result)
             return self.mixed_batch_output(x, result)
         held = self.adapter_names()
         for name in self.active_adapters:
