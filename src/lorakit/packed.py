@@ -146,20 +146,17 @@ def accumulate_pack_gradients(
     return totals
 
 
-def train_pack(
-    recipes: list[Recipe], resume: bool = False, progress: bool = True, names: list[str] | None = None
-) -> list[TrainResult]:
+def train_pack(recipes: list[Recipe], resume: bool = False, progress: bool = True) -> list[TrainResult]:
     """Train several configs as one pack; each writes a complete run into its own ``output_dir``.
 
     Args:
         recipes (list[Recipe]): The configs; equal :func:`pack_key`, each packable (:func:`why_not_packable`).
         resume (bool): Continue from the newest step every unfinished config has a checkpoint of. Default False.
         progress (bool): Show a progress bar. Default True.
-        names (list[str] | None): Labels for the log lines. Default ``pack0``, ``pack1`` ...
 
     Returns:
-        list[TrainResult]: One per recipe, in order. A config whose loss became NaN leaves the pack; its result
-        has ``final_train_loss`` NaN and no adapter is written for it.
+        list[TrainResult]: One per recipe, in order. A config whose loss became NaN leaves the pack (the others go
+        on); its result has ``final_train_loss`` NaN, and its ``train_summary.json`` holds the error, no adapter.
 
     Raises:
         ConfigError: The recipes cannot share a pack. TrainingError: An occupied output directory.
