@@ -106,9 +106,7 @@ def test_configs_that_cannot_share_a_pack_are_refused(workspace, tmp_path):
         train_pack([tiny_recipe(workspace), tiny_recipe(workspace, "train.batch_size=2")], progress=False)
     with pytest.raises(ConfigError, match="method=adalora"):
         train_pack([tiny_recipe(workspace), tiny_recipe(workspace, "adapter.method=adalora")], progress=False)
-    assert (
-        why_not_packable(tiny_recipe(workspace, "adapter.use_rslora=true", "adapter.use_dora=true")) is None
-    )
+    assert why_not_packable(tiny_recipe(workspace, *DORA)) is None
 
 
 def test_a_config_whose_loss_diverges_leaves_the_pack_and_the_others_finish(workspace, tmp_path):
