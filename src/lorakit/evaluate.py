@@ -39,7 +39,9 @@ def evaluate_losses(
     for start in range(0, len(dataset), train_cfg.batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + train_cfg.batch_size, len(dataset)))])
         rows = len(batch["input_ids"])
-        batch = {k: v.to(device).repeat(blocks, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # [K·B, ...]
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if blocks > 1:
+            batch = {k: v.repeat(blocks, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # [K·B, ...]
         routing = (
             batch_adapters(model, [a for a in adapters for _ in range(rows)], True)
             if adapters
