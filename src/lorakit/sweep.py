@@ -154,7 +154,9 @@ def dry_run(axes: list[Axis], options: SweepOptions) -> str:
     lines = [f"sweep directory: {out}", f"stages: {[[a.key for a in s] for s in stages]}"]
     for pack in _packs(recipes, options):
         names = [Path(recipes[i].output_dir).name for i in pack]
-        lines.append(f"{'pack' if len(pack) > 1 else 'alone'}: {', '.join(names)}")
+        reason = why_not_packable(recipes[pack[0]]) if len(pack) == 1 else None
+        kind = "pack" if len(pack) > 1 else "alone" + (f" ({reason})" if reason else "")
+        lines.append(f"{kind}: {', '.join(names)}")
     return "\n".join(lines)
 
 
