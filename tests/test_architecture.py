@@ -31,7 +31,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "", "adapter_section", "recipe", "run_dir", "train", "evaluate", "generate", "plan", "plan_terms", "serve", "serve.batch", "serve.engine",
         "serve.http", "serve.openai", "serve.connections", "cli", "cli.__main__", "cli.torchrun", "__main__", "distributed", "cli.env", "cli.export", "cli.plan",
         "cli.serve", "cli.boundary", "export", "variants", "variants_io",
-        "quickstart",
+        "quickstart", "schedule", "step", "packed", "sweep", "sweep_space", "cli.sweep",
     ),
 }  # fmt: skip
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}

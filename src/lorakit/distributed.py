@@ -180,9 +180,7 @@ class Ranks:
         if self.sharded:
             return self.sum([loss])[0] / self.world_size  # see loss_denominator
         device = params[0].device if params else _collective_device()
-        pieces = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params
-        ]
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
         flags = [float(p.grad is not None) for p in params]
         flat = torch.cat([*pieces, torch.tensor([*flags, loss], dtype=torch.float32, device=device)])
         self._collective("all-reducing the gradients", lambda: dist.all_reduce(flat))
@@ -268,7 +266,11 @@ class Ranks:
             return call()
         except RuntimeError as err:  # DistBackendError / DistNetworkError / a timeout
             missing = _unresponsive_ranks(self.rank, self.world_size)
-            who = f"rank(s) {', '.join(map(str, missing))} stopped answering" if missing else "another rank failed"
+            who = (
+                f"rank(s) {', '.join(map(str, missing))} stopped answering"
+                if missing
+                else "another rank failed"
+            )
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RankError(
                 f"rank {self.rank}: {what} failed: {who} ({first}). The run stops on every rank; continue it "
@@ -291,7 +293,11 @@ def _shard_groups(model: nn.Module) -> list[tuple[nn.Module, set[nn.Parameter] |
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if not isinstance(decoder, nn.Module) or decoder is model:
         return [*groups, (model, None)]
-    tied = {p for p in (head.parameters() if head is not None else ()) if any(p is q for q in decoder.parameters())}
+    tied = {
+        p
+        for p in (head.parameters() if head is not None else ())
+        if any(p is q for q in decoder.parameters())
+    }
     groups.append((decoder, tied or None))
     if head is not None and not tied:
         groups.append((head, None))
@@ -417,17 +423,21 @@ def save_checkpoint_on_main(
     optimizer = ranks.full_optimizer(run.optimizer)
     with ranks.full_parameters(run.model):
         if ranks.is_main:
-            save_checkpoint(directory, run.model, optimizer, state, hooks=run.hooks)
+            save_checkpoint(directory, run.model, optimizer, state, run.adapter, hooks=run.hooks)
             prune_checkpoints(directory.parent, keep_last)
 
 
 def save_adapter_on_main(
-    ranks: Ranks, model: nn.Module, directory: Any, hooks: TrainingHooks | None = None
+    ranks: Ranks,
+    model: nn.Module,
+    directory: Any,
+    hooks: TrainingHooks | None = None,
+    adapter: str = "default",
 ) -> None:
-    """Rank 0 writes the adapter into ``directory`` (and, given ``hooks``, the directories they export, e.g.
+    """Rank 0 writes the adapter named ``adapter`` into ``directory`` (and, given ``hooks``, the directories they export, e.g.
     PiSSA's ``as_lora/``); every rank must call it (FSDP gathers the adapter from all ranks first)."""
     with ranks.full_parameters(model):
         if ranks.is_main:
-            save_adapter(model, directory)
+            save_adapter(model, directory, adapter)
             for subdir, (tensors, config) in (hooks.exports(model) if hooks else {}).items():
                 write_adapter_dir(directory / subdir, tensors, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ from lorakit.data import Collator, TokenizedDataset
 from lorakit.data.formats import read_rows
 from lorakit.distributed import Ranks
 from lorakit.generate import SamplingConfig, generate_text
-from lorakit.loss import causal_lm_loss_sum
+from lorakit.inject import batch_adapters
+from lorakit.loss import causal_lm_loss_sums
 
 
-@torch.no_grad()
 def evaluate_loss(
     model: nn.Module,
     dataset: TokenizedDataset,
@@ -30,21 +31,40 @@ def evaluate_loss(
     Under torchrun (``ranks``, :mod:`lorakit.distributed`) each rank evaluates its share of the batches and the
     loss sums and token counts are summed over ranks: every rank returns the loss of the whole set.
     """
+    return evaluate_losses(model, dataset, collator, train_cfg, device, ranks=ranks)[0]
+
+
+@torch.no_grad()
+def evaluate_losses(
+    model: nn.Module, dataset: TokenizedDataset, collator: Collator, train_cfg, device,
+    adapters: list[str] | None = None, ranks: Ranks | None = None,
+) -> list[float]:  # fmt: skip
+    """:func:`evaluate_loss` of each of ``adapters`` at once (a training pack, :mod:`lorakit.packed`): each batch
+    repeated once per adapter, each copy through its own adapter over one pass of the shared base. None: the
+    active adapter(s), one value."""
     model.eval()
     ranks = ranks or Ranks()
-    total, count = 0.0, 0
-    starts = list(range(0, len(dataset), train_cfg.batch_size))
-    for start in ranks.mine(starts):
-        stop = min((start or 0) + train_cfg.batch_size, len(dataset))
-        batch = collator([dataset[i] for i in range(start or 0, stop)])
+    blocks = len(adapters) if adapters else 1
+    totals, count = [0.0] * blocks, 0
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
+    for start in ranks.mine(list(range(0, len(dataset), train_cfg.batch_size))):
+        first = start or 0  # None: FSDP's padding, a forward pass every rank runs the same number of
+        batch = collator([dataset[i] for i in range(first, min(first + train_cfg.batch_size, len(dataset)))])
+        rows = len(batch["input_ids"])
         batch = {k: v.to(device) for k, v in batch.items()}
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss_sum, n = causal_lm_loss_sum(model, batch, chunked=train_cfg.chunked_loss)
-        if start is not None:  # None: FSDP's padding, a forward pass every rank runs the same number of
-            total, count = total + float(loss_sum), count + n
-    total, count = ranks.sum([total, count])
-    return total / max(1, count)
+        if blocks > 1:
+            batch = {k: v.repeat(blocks, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # [K·B, ...]
+        routing = (
+            batch_adapters(model, [a for a in adapters for _ in range(rows)], True)
+            if adapters
+            else nullcontext()
+        )
+        with routing, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            sums, n = causal_lm_loss_sums(model, batch, blocks, chunked=train_cfg.chunked_loss)
+        if start is not None:
+            totals, count = [t + float(v) for t, v in zip(totals, sums)], count + n
+    *totals, count = ranks.sum([*totals, count])
+    return [t / max(1, count) for t in totals]
 
 
 def normalize_answer(text: str) -> str:

@@ -225,13 +225,14 @@ def _set_in_block(modules: list[nn.Module], attr: str, value: Any) -> Iterator[N
 
 
 @contextlib.contextmanager
-def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]:
+def batch_adapters(model: nn.Module, adapter_names: list[str], per_block: bool = False) -> Iterator[None]:
     """Inside the block, row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
 
     ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` do the same for one
     call. The rows are planned once (:class:`lorakit.adapters.mixed.RowPlan`, reused while the names stay the
     same, as in a decode loop) and every layer computes all rows' adapter outputs at once with grouped low-rank
-    products.
+    products. ``per_block`` (training packs, :mod:`lorakit.packed`): the names come in one contiguous block per
+    adapter and each block runs through its adapter's own forward (:meth:`AdapterLinear.block_output`).
 
     Raises:
         ConfigError: A name is neither an adapter of the model nor ``"__base__"``, or adapters are merged.
@@ -252,8 +253,8 @@ def batch_adapters(model: nn.Module, adapter_names: list[str]) -> Iterator[None]
             "adapter_names: unmerge the adapters first (lorakit.unmerge): a merged batch cannot mix"
         )
     plan = model.__dict__.get("_lorakit_row_plan")
-    if plan is None or plan.rows != tuple(adapter_names):
-        plan = RowPlan(adapter_names)
+    if plan is None or plan.rows != tuple(adapter_names) or plan.per_block != per_block:
+        plan = RowPlan(adapter_names, per_block)
         model.__dict__["_lorakit_row_plan"] = plan
     with _set_in_block(layers, "row_plan", plan):
         yield

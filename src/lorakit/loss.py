@@ -65,26 +65,58 @@ def causal_lm_loss_sum(
     Returns:
         tuple[Tensor, int]: The fp32 loss sum (a scalar with grad) and the number of target tokens.
     """
+    sums, count = causal_lm_loss_sums(model, batch, 1, chunked, chunk_tokens)
+    return sums[0], count
+
+
+def causal_lm_loss_sums(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    blocks: int,
+    chunked: bool = True,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, int]:
+    """:func:`causal_lm_loss_sum` per block of rows: the batch is ``blocks`` equal contiguous blocks holding the same
+    samples (a training pack, :mod:`lorakit.packed`: one block per adapter config).
+
+    Each block's sum is chunked exactly as that block alone would be, so it equals a separate run's loss.
+
+    Returns:
+        tuple[Tensor, int]: The fp32 loss sums ``[blocks]`` (with grad) and the target tokens of one block.
+    """
     labels = batch["labels"]
     targets = labels[:, 1:]  # [B, T-1]: token t+1 is the target of position t
     mask = targets != IGNORE_INDEX
-    count = int(mask.sum())
+    count = int(mask.sum()) // blocks  # every block holds the same samples
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     inputs["use_cache"] = False  # no KV cache in training (packed rows are detected from position resets)
     if not chunked or count == 0 or not _supports_hidden_path(model):  # no target: still a graph to backward
         logits = model(**inputs).logits[:, :-1]  # [B, T-1, V]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return loss, count
+        rows = logits.shape[0] // blocks
+        losses = [
+            F.cross_entropy(
+                logits[k * rows : (k + 1) * rows].float().flatten(0, 1),
+                targets[k * rows : (k + 1) * rows].flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            for k in range(blocks)
+        ]
+        return torch.stack(losses), count
     hidden = _decoder(model)(**inputs).last_hidden_state[:, :-1]  # [B, T-1, H]
-    hidden, flat_targets = hidden[mask], targets[mask]  # [N, H], [N]
+    hidden, flat_targets = (
+        hidden[mask],
+        targets[mask],
+    )  # [N, H], [N]: rows in order, so block k is [k·n, (k+1)·n)
     head = model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk_tokens):
-        stop = min(start + chunk_tokens, count)
-        # Recompute the chunk's logits in backward instead of keeping them: one chunk alive at a time.
-        total = total + checkpoint(
-            _head_ce_sum, hidden[start:stop], flat_targets[start:stop], head, use_reentrant=False
-        )
-    return total, count
+    sums = []
+    for block in range(blocks):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(block * count, (block + 1) * count, chunk_tokens):
+            stop = min(start + chunk_tokens, (block + 1) * count)
+            # Recompute the chunk's logits in backward instead of keeping them: one chunk alive at a time.
+            total = total + checkpoint(
+                _head_ce_sum, hidden[start:stop], flat_targets[start:stop], head, use_reentrant=False
+            )
+        sums.append(total)
+    return torch.stack(sums), count

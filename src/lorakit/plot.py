@@ -46,6 +46,40 @@ def plot_metrics(metrics: Path, png: Path) -> Path | None:
     return png
 
 
+def plot_eval_curves(
+    curves: dict[str, list[tuple[int, float]]], png: Path, best: str | None = None
+) -> Path | None:
+    """Every config's eval loss per step in one figure (``lorakit sweep``); ``best`` drawn thicker.
+
+    Returns:
+        Path | None: The PNG written, or None when no config has an evaluation.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(curves.values()):
+        return None
+    figure, axis = plt.subplots(figsize=(8, 5), dpi=100)
+    for name, points in curves.items():
+        if points:
+            width = 2.5 if name == best else 1.0
+            axis.plot(
+                *zip(*points), label=name + (" (best)" if name == best else ""), marker=".", linewidth=width
+            )
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("eval loss (nats / target token)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(png)
+    return png
+
+
 class MetricsLog:
     """``metrics.jsonl`` in the output directory (one JSON line per train step or evaluation), and TensorBoard
     (``out/tensorboard``) when asked."""

@@ -30,7 +30,7 @@ from lorakit.hardware import DTYPE_NAMES
 from lorakit.inject import wrap
 from lorakit.io import atomic_write_bytes, load_adapter
 from lorakit.loading import check_model_source, load_model, load_tokenizer
-from lorakit.loss import causal_lm_loss_sum, target_count
+from lorakit.loss import target_count
 from lorakit.methods import TrainingHooks, method_of
 from lorakit.optim import build_optimizer as make_optimizer
 from lorakit.optim.loraplus import loraplus_param_groups
@@ -47,6 +47,8 @@ from lorakit.run_dir import (
     prepare_output_dir,
     reopen_run,
 )
+from lorakit.schedule import lr_lambda, lr_schedule, run_length  # noqa: F401 - lr_lambda's old home
+from lorakit.step import _autocast, _micro_batches, accumulate_gradients  # noqa: F401 - their old home
 
 
 @dataclass
@@ -117,59 +119,6 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
     return make_optimizer(params, section.optimizer, lr=section.lr, weight_decay=section.weight_decay)
 
 
-def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak lr at ``step``: linear warmup, then cosine / linear decay to 0 or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-
-def _micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's micro-batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
-    order = torch.randperm(
-        n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    ).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def accumulate_gradients(
-    model: torch.nn.Module,
-    micro_batches: list[dict[str, torch.Tensor]],
-    device: torch.device,
-    precision: str = "bf16",
-    chunked: bool = True,
-    scaler: torch.amp.GradScaler | None = None,
-    n_targets: float | None = None,
-) -> float:
-    """Forward and backward over the micro-batches of one optimizer step; returns the step's loss.
-
-    Each micro-batch's summed token loss is divided by the number of target tokens of *all* micro-batches,
-    so the accumulated gradient equals the gradient of one large batch (not a mean of per-batch means, which
-    over-weights short batches: transformers PR #34191). ``n_targets`` (default: counted here) is that number
-    when the step has more micro-batches than these: on every rank of a data-parallel run, all ranks' count.
-    """
-    n_targets = n_targets or max(1, sum(target_count(b) for b in micro_batches))
-    loss_total = 0.0
-    for batch in micro_batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(precision, device):
-            loss_sum, _ = causal_lm_loss_sum(model, batch, chunked=chunked)
-        loss = loss_sum / n_targets
-        (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += loss.item()
-    return loss_total
-
-
 @dataclass
 class TrainState:
     """Where a run is: what a checkpoint's ``trainer_state.json`` keeps besides the optimizer and RNG states.
@@ -198,7 +147,7 @@ class TrainState:
 
 @dataclass
 class _Run:
-    """The objects one run trains with, built once by :func:`_setup`."""
+    """The objects one run trains with, built once by :func:`_setup` (per config of a pack by :mod:`lorakit.packed`)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -211,7 +160,9 @@ class _Run:
     scaler: torch.amp.GradScaler | None
     device: torch.device
     total_steps: int
-    ranks: distributed.Ranks
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # clipped together; empty: all trainable
+    adapter: str = "default"
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
 
 
 @owns_output_dir
@@ -272,7 +223,13 @@ def _train(
         while state.step < run.total_steps:
             ranks.seed_step(cfg.seed, state.step)  # each rank its own dropout masks, the same after a resume
             micro, per_epoch = _next_micro_batches(state, run, cfg)
-            loss, grad_norm = _optimizer_step(run, micro, cfg, state.step + 1, checkpoints)
+            n_targets = ranks.loss_denominator(
+                sum(map(target_count, micro))
+            )  # all ranks' (None: one process)
+            loss = accumulate_gradients(
+                run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler, n_targets
+            )
+            loss, grad_norm = apply_update(run, loss, cfg, state.step + 1, checkpoints)  # loss: all ranks'
             state.step += 1
             result.final_train_loss = loss
             tokens = int(
@@ -280,21 +237,14 @@ def _train(
             )  # no pads
             tokens_seen += tokens
             speed = tokens_seen / max(1e-9, time.perf_counter() - window_start)
-            line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
-                    "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
-                    "tokens_per_s": round(speed, 1), "time": round(time.time(), 3), **run.hooks.metrics()}  # fmt: skip
-            state.history.append(line)
-            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
-                log.write(line, "train", ("loss", "lr", "grad_norm", "tokens_per_s"))
+            line = log_step(run, state, log, cfg, (loss, grad_norm, tokens, speed), per_epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
             epoch_end = state.micro_index % per_epoch == 0
-            stop = _eval_due(run, cfg, state.step, epoch_end) and _evaluate(run, state, result, log, out, cfg)
-            every = cfg.save_every and state.step % cfg.save_every == 0
-            if every or epoch_end or state.step == run.total_steps or stop:
-                state.scheduler = run.scheduler.state_dict()
-                distributed.save_checkpoint_on_main(ranks, checkpoints / f"step-{state.step:06d}", run,
-                                                    dataclasses.asdict(state), cfg.keep_last)  # fmt: skip
+            stop = _eval_due(run, cfg, state.step, epoch_end) and record_eval(
+                run, state, result, log, out, cfg
+            )
+            checkpoint_if_due(run, state, cfg, checkpoints, epoch_end or stop)
             if stop:
                 result.stopped_early = True
                 ranks.print(f"early stopping at step {state.step}: no improvement in {state.bad_evals} evals")
@@ -305,15 +255,39 @@ def _train(
     return _finish(run, recipe, out, state, result, rows, started)
 
 
-def _start(recipe: Recipe, resume: str | bool | None, ranks: distributed.Ranks) -> Path:
+def log_step(
+    run: _Run, state: TrainState, log: MetricsLog, cfg: TrainSection, values: tuple, per_epoch: int
+) -> dict[str, Any]:
+    """The step's metrics line from ``values`` = (loss, grad_norm, tokens, tokens_per_s): kept in the history,
+    written every ``log_every`` steps and at the last."""
+    loss, grad_norm, tokens, speed = values
+    line = {"step": state.step, "epoch": round(state.micro_index / per_epoch, 4), "loss": loss,
+            "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
+            "tokens_per_s": round(speed, 1), "time": round(time.time(), 3), **run.hooks.metrics()}  # fmt: skip
+    state.history.append(line)
+    if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+        log.write(line, "train", ("loss", "lr", "grad_norm", "tokens_per_s"))
+    return line
+
+
+def checkpoint_if_due(
+    run: _Run, state: TrainState, cfg: TrainSection, checkpoints: Path, force: bool
+) -> None:
+    """Checkpoint every ``save_every`` steps, at the last step and when ``force``; keep the newest ``keep_last``."""
+    if (cfg.save_every and state.step % cfg.save_every == 0) or force or state.step == run.total_steps:
+        state.scheduler = run.scheduler.state_dict()
+        distributed.save_checkpoint_on_main(run.ranks, checkpoints / f"step-{state.step:06d}", run,
+                                            dataclasses.asdict(state), cfg.keep_last)  # fmt: skip
+
+
+def _start(recipe: Recipe, resume: str | bool | None, ranks: distributed.Ranks | None = None) -> Path:
     """Check the device and the output directory, seed, and set the CPU allocator; returns ``output_dir``."""
+    ranks = ranks or distributed.Ranks()
     if recipe.train.precision == "fp16" and _device().type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     distributed.check_strategy(recipe.train.strategy, recipe.adapter.method, recipe.train.optimizer)
     ranks.check_grad_accum(recipe.train.grad_accum)
-    if (
-        _device().type == "cpu" and recipe.train.lean_cpu_heap
-    ):  # freed tensors go back to the OS, at a cost in time
+    if _device().type == "cpu" and recipe.train.lean_cpu_heap:  # freed tensors go back to the OS, at a cost
         return_freed_memory_to_os()
     out = Path(recipe.output_dir)
     if ranks.is_main:
@@ -346,9 +320,7 @@ def _setup(recipe: Recipe, out: Path, ranks: distributed.Ranks) -> _Run:
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    total_steps, warmup = run_length(cfg, len(train_set))
     hooks = method.training(
         model, "default", total_steps
     )  # after the init (PiSSA keeps it), before quantizing
@@ -358,13 +330,11 @@ def _setup(recipe: Recipe, out: Path, ranks: distributed.Ranks) -> _Run:
             model, base.quantize, base.blocksize, base.double_quant, DTYPE_NAMES[base.compute_dtype]
         )
     optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.scheduler)
-    )
+    scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     collator = training_collator(tokenizer, model, recipe.data.padding_free)  # padding-free where it can
     return _Run(model, tokenizer, hooks, train_set, val_set, collator, optimizer, scheduler,
-                scaler, _device(), total_steps, ranks)  # fmt: skip
+                scaler, _device(), total_steps, ranks=ranks)  # fmt: skip
 
 
 def _resume(run: _Run, checkpoints: Path, resume: str | bool) -> TrainState:
@@ -404,25 +374,19 @@ def _next_micro_batches(
     return micro, per_epoch
 
 
-def _optimizer_step(
-    run: _Run, micro: list[dict[str, torch.Tensor]], cfg: TrainSection, step: int, checkpoints: Path
+def apply_update(
+    run: _Run, loss: float, cfg: TrainSection, step: int, checkpoints: Path
 ) -> tuple[float, float]:
-    """One optimizer step over ``micro`` (loss normalized by their total target tokens); returns loss and grad norm.
-
-    Raises:
-        TrainingError: The loss is NaN or Inf (names the last good checkpoint).
-    """
-    n_targets = run.ranks.loss_denominator(sum(map(target_count, micro)))  # all ranks' (None: one process)
-    loss = accumulate_gradients(
-        run.model, micro, run.device, cfg.precision, cfg.chunked_loss, run.scaler, n_targets
-    )
+    """After the step's backward (``loss`` its value): the regularizer, the gradients summed over ranks, the NaN
+    check (TrainingError naming the last good checkpoint), clipping, the optimizer and scheduler steps. Returns
+    the step's loss (summed over ranks) and the grad norm before clipping."""
     # A method's regularizer (AdaLoRA's orthogonality term), once per optimizer step: the micro-batch losses above
     # already sum to the mean token loss of the whole step, so adding it per micro-batch would count it grad_accum
     # times (and on every rank it would count world_size times: rank 0 adds it). Logged apart from the task loss.
     regularizer = run.hooks.regularizer(run.model) if run.ranks.is_main else None
     if regularizer is not None:
         (run.scaler.scale(regularizer) if run.scaler else regularizer).backward()
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    params = run.params or [p for p in run.model.parameters() if p.requires_grad]
     loss = run.ranks.reduce_gradients(params, loss)  # summed over ranks: the single-process gradient
     if not math.isfinite(loss):
         last = list_checkpoints(checkpoints)
@@ -455,19 +419,22 @@ def _eval_due(run: _Run, cfg: TrainSection, step: int, epoch_end: bool) -> bool:
     )
 
 
-def _evaluate(
-    run: _Run, state: TrainState, result: TrainResult, log: MetricsLog, out: Path, cfg: TrainSection
-) -> bool:
-    """Evaluate, keep the best adapter in ``out/best``, and say whether early stopping's patience ran out."""
-    eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device, run.ranks)
-    run.model.train()
+def record_eval(
+    run: _Run, state: TrainState, result: TrainResult, log: MetricsLog, out: Path, cfg: TrainSection,
+    eval_loss: float | None = None,
+) -> bool:  # fmt: skip
+    """Evaluate (unless given ``eval_loss``), log it, keep the best adapter in ``out/best``, and say whether early
+    stopping's patience ran out."""
+    if eval_loss is None:
+        eval_loss = evaluate_loss(run.model, run.val_set, run.collator, cfg, run.device, run.ranks)
+        run.model.train()
     record = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
     state.history.append(record)
     log.write(record, "eval", (), board={"eval/loss": eval_loss, "eval/perplexity": record["eval_ppl"]})
     result.eval_loss = eval_loss
     if state.best_eval is None or eval_loss < state.best_eval:
         state.best_eval, state.bad_evals = eval_loss, 0
-        distributed.save_adapter_on_main(run.ranks, run.model, out / "best")
+        distributed.save_adapter_on_main(run.ranks, run.model, out / "best", adapter=run.adapter)
         return False
     state.bad_evals += 1
     return cfg.early_stopping_patience is not None and state.bad_evals >= cfg.early_stopping_patience
@@ -484,9 +451,8 @@ def _finish(
 ) -> TrainResult:
     """Write the adapter (and what the method's hooks export), tokenizer, loss curve and summary (rank 0)."""
     run.model.eval()
-    distributed.save_adapter_on_main(
-        run.ranks, run.model, out, run.hooks
-    )  # and hooks' exports (PiSSA: as_lora/)
+    # the adapter and what the method's hooks export (PiSSA: as_lora/)
+    distributed.save_adapter_on_main(run.ranks, run.model, out, run.hooks, run.adapter)
     result.best_eval_loss = state.best_eval
     result.history = state.history
     if rows:

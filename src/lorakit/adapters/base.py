@@ -129,6 +129,38 @@ class AdapterLinear(nn.Module):
         raise ConfigError(f"{type(self).__name__} has no mixed-adapter batches")
 
     # --------------------------------------------------------------------------------------------- shared
+    def block_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each contiguous block of rows through its own adapter (``row_plan.blocks``), as a run of it alone computes it.
+
+        A training pack (:mod:`lorakit.packed`): the base output ``result`` [B, ..., out] was computed once for all
+        blocks; each block's rows then take the path a run of that adapter alone takes (dropout, DoRA, scaling), so a
+        block's gradient equals its separate run's. ``x`` is cast to the adapter dtype once for all blocks. When
+        every block's adapter is additive (:meth:`additive`: LoRA, not DoRA) and on this layer, the deltas are
+        joined and added in one go (``result + delta`` is elementwise: the same values, fewer ops); otherwise each
+        block goes through :meth:`adapter_output`, and a block whose adapter this layer lacks (other target
+        modules) keeps the base output.
+        """
+        held, blocks = self.adapter_names(), self.row_plan.blocks
+        present = [name for name, _, _ in blocks if name in held]
+        if not present:
+            return result
+        x = x.to(self.adapter_parameters(present[0])[0].dtype)  # [B, ..., in], once (a no-op per block after)
+        if len(present) == len(blocks) and all(self.additive(name) for name in present):
+            deltas = [
+                self.adapter_delta(name, x[start:stop]) for name, start, stop in blocks
+            ]  # [b, ..., out] each
+            return result + torch.cat(deltas).to(result.dtype)
+        parts = []
+        for name, start, stop in blocks:
+            part = result[start:stop]  # [b, ..., out]
+            parts.append(self.adapter_output(name, x[start:stop], part) if name in held else part)
+        return torch.cat(parts)  # [B, ..., out]
+
+    def additive(self, name: str) -> bool:
+        """Adapter ``name``'s :meth:`adapter_output` is ``result + adapter_delta(x)`` cast to ``result``'s dtype (the
+        default); False for a method that rescales the output (DoRA)."""
+        return True
+
     def set_trainable(self, name: str, trainable: bool) -> None:
         """Set ``requires_grad`` on adapter ``name``'s parameters."""
         for param in self.adapter_parameters(name):
@@ -166,6 +198,8 @@ class AdapterLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # [..., out]
         if self.row_plan is not None:
+            if self.row_plan.per_block:
+                return self.block_output(x, result)
             return self.mixed_batch_output(x, result)
         held = self.adapter_names()
         for name in self.active_adapters:

@@ -186,6 +186,9 @@ class LoraLinear(AdapterLinear):
     def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name])
 
+    def additive(self, name: str) -> bool:
+        return name not in self.lora_magnitude_vector  # DoRA rescales the whole output
+
     # ----------------------------------------------------------------------------------------------- DoRA
     def _bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.errors import ConfigError
+
 BASE = "__base__"  # the row name for "no adapter"
 
 
@@ -30,6 +32,10 @@ class RowPlan:
 
     Args:
         rows (list[str]): One adapter name per batch row, or :data:`BASE`.
+        per_block (bool): Training packs (:mod:`lorakit.packed`): the rows come in one contiguous block per
+            adapter, and each layer runs every block through that adapter's own forward (dropout, DoRA, rsLoRA: the
+            exact computation of a run with that adapter alone), instead of the stacked low-rank products.
+            Default False.
 
     Attributes:
         rows (tuple[str, ...]): As given.
@@ -39,9 +45,10 @@ class RowPlan:
         width (int): ``m``, the slots per group (the largest group).
         padded (bool): Some group is shorter than ``m`` (its spare slots read a zero row).
         in_order (bool): No padding, no base rows and the rows already sorted by adapter: nothing to gather.
+        blocks (list[tuple[str, int, int]]): With ``per_block``: ``(adapter, first row, end row)`` per block.
     """
 
-    def __init__(self, rows: list[str]) -> None:
+    def __init__(self, rows: list[str], per_block: bool = False) -> None:
         self.rows = tuple(rows)
         self.adapters = tuple(sorted({name for name in rows if name != BASE}))
         slot = {name: i for i, name in enumerate(self.adapters)}
@@ -55,6 +62,15 @@ class RowPlan:
         self.padded = self.width * len(self.groups) > self.adapter_rows
         order = [row for group in self.groups for row in group]
         self.in_order = not self.padded and order == list(range(len(rows)))
+        self.per_block = per_block
+        self.blocks: list[tuple[str, int, int]] = []
+        for row, name in enumerate(rows):
+            if self.blocks and self.blocks[-1][0] == name:
+                self.blocks[-1] = (name, self.blocks[-1][1], row + 1)
+            else:
+                self.blocks.append((name, row, row + 1))
+        if per_block and len(self.blocks) != len(set(rows)):
+            raise ConfigError(f"per_block rows must come in one contiguous block per adapter, got {rows}")
         self._indices: dict[torch.device, tuple] = {}
 
     def grouped(self, tokens: int, rank: int) -> bool:

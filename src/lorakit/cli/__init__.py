@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lorakit.cli import env, export, plan, serve
+from lorakit.cli import env, export, plan, serve, sweep
 from lorakit.cli.boundary import add_debug_flag, run_command
 from lorakit.hardware import DTYPE_CHOICES
 from lorakit.quant import QUANT_TYPES
@@ -323,6 +323,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "preprocess": (_add_preprocess, cmd_preprocess),
     "serve": (serve.add_parser, serve.run),
     "plan": (plan.add_parser, plan.run),
+    "sweep": (sweep.add_parser, sweep.run),
     "env": (env.add_parser, env.run),
 }
 

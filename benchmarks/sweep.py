@@ -1,0 +1,158 @@
+"""A packed sweep against the same configs one after another: ``lorakit sweep`` with and without ``--no-pack``.
+
+Four LoRA configs (r = 8, 16 x lr = 1e-3, 2e-3) on the quickstart task (the bundled 3.4M-parameter Llama, its base in
+NF4 as the quickstart loads it; ``--model`` takes a larger local model), ``--steps`` optimizer steps of 8 rows each,
+an evaluation on the 100 held-out rows at the end. Each mode is one ``lorakit sweep`` process, timed from start to
+exit (imports, loading, training, evaluation, writing every run directory):
+
+- ``processes``: four ``lorakit train`` commands one after another (what a user runs without ``lorakit sweep``:
+  each process imports torch, loads the base and tokenizes the data again);
+- ``sequential``: ``lorakit sweep --no-pack``: the same four runs one after another in one process;
+- ``packed``: ``lorakit sweep``: the four configs in one pack over one base (``lorakit.packed``).
+
+The peak memory of each mode is the largest pack's (or run's) peak RSS (``VmHWM`` after a reset; on CUDA the
+allocator's peak) from the sweep's ``results.json``. Afterwards the script checks that the two modes trained the
+same adapters (largest difference of any tensor), so the speed is not bought with different results. The modes
+alternate over ``--repeats`` and the table shows medians.
+
+Usage (the quiet-file protocol of docs/benchmarks: nobody else timing, nothing heavy running):
+    PYTHONPATH=src .venv/bin/python benchmarks/sweep.py [--steps 60] [--repeats 1] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from results_file import write_results
+
+AXES = ["adapter.r=8,16", "train.lr=1e-3,2e-3"]
+
+
+def run_mode(root: Path, packed: bool, steps: int, model: str | None, threads: int | None) -> dict:
+    """One ``lorakit sweep`` process; its wall time, peak memory and the sweep's rows."""
+    out = root / ("packed" if packed else "sequential")
+    overrides = [f"train.max_steps={steps}", "train.eval_generate=0", f"train.eval_every={steps}",
+                 f"output_dir={root / 'run'}"]  # fmt: skip
+    if model:
+        overrides.append(f"model.path={model}")
+    command = [
+        sys.executable,
+        "-m",
+        "lorakit.cli",
+        "sweep",
+        *AXES,
+        *overrides,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    if not packed:
+        command.append("--no-pack")
+    started = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    seconds = time.perf_counter() - started
+    rows = json.loads((out / "results.json").read_text())["configs"]
+    return {
+        "seconds": seconds,
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+        "eval_loss": {r["config"]: r["eval_loss"] for r in rows},
+        "tokens_per_s": {r["config"]: r["tokens_per_s"] for r in rows},
+        "dir": out,
+    }
+
+
+def run_processes(root: Path, steps: int, model: str | None, threads: int | None) -> dict:
+    """Four ``lorakit train`` processes, one per config; wall time and the largest child's peak RSS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    values = [[f"{axis.split('=')[0]}={v}" for v in axis.split("=")[1].split(",")] for axis in AXES]
+    started = time.perf_counter()
+    for i, config in enumerate(itertools.product(*values)):
+        overrides = [f"train.max_steps={steps}", "train.eval_generate=0", f"train.eval_every={steps}", *config,
+                     f"output_dir={root / str(i)}", *([f"model.path={model}"] if model else [])]  # fmt: skip
+        command = [sys.executable, "-m", "lorakit.cli", "train", *overrides, "--no-progress"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_memory_mb": round(peak_kib * 1024 / 1e6, 1),
+        "dir": None,
+    }
+
+
+def adapter_difference(first: Path, second: Path) -> float:
+    """The largest absolute difference between the two sweeps' adapters, over every config and tensor."""
+    worst = 0.0
+    for config in sorted(p.name for p in (first / "configs").iterdir()):
+        a = load_file(first / "configs" / config / "adapter_model.safetensors")
+        b = load_file(second / "configs" / config / "adapter_model.safetensors")
+        worst = max(worst, *(float((a[k] - b[k]).abs().max()) for k in a))
+    return worst
+
+
+TITLES = {
+    "processes": "4 `lorakit train` processes, one after another",
+    "sequential": "`lorakit sweep --no-pack`: 4 runs in one process",
+    "packed": "`lorakit sweep`: one pack of 4",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per config (default 60)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating (default 1)")
+    parser.add_argument("--model", default=None, help="a local model directory (default: the quickstart's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of every mode (default: torch's)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/)")
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {mode: [] for mode in TITLES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for mode in TITLES:
+                root = Path(tmp) / f"{mode}-{repeat}"
+                if mode == "processes":
+                    run = run_processes(root, args.steps, args.model, args.threads)
+                else:
+                    run = run_mode(root, mode == "packed", args.steps, args.model, args.threads)
+                runs[mode].append(run)
+                print(f"{mode:10} {run['seconds']:7.1f} s  peak {run['peak_memory_mb']:7.1f} MB")
+        difference = adapter_difference(runs["sequential"][0]["dir"], runs["packed"][0]["dir"])
+    median = {mode: statistics.median(r["seconds"] for r in runs[mode]) for mode in runs}
+    peak = {mode: max(r["peak_memory_mb"] for r in runs[mode]) for mode in runs}
+    load = os.getloadavg()[0]
+    threads = args.threads or torch.get_num_threads()
+    print(f"\n4 configs x {args.steps} steps ({', '.join(AXES)}), {threads} threads, load average {load:.1f}")
+    print("| mode | wall time (s) | peak memory (MB) | time / packed |\n|---|---|---|---|")
+    for mode, title in TITLES.items():
+        print(f"| {title} | {median[mode]:.1f} | {peak[mode]:.0f} | {median[mode] / median['packed']:.2f}x |")
+    print(f"largest adapter difference packed vs sequential: {difference:.2e}")
+    for mode in runs:
+        for run in runs[mode]:
+            run["dir"] = None
+    meta = {"steps": args.steps, "axes": AXES, "model": args.model or "@quickstart/model (nf4)",
+            "repeats": args.repeats, "threads": threads, "load_average": load}  # fmt: skip
+    summary = {"seconds": median, "peak_memory_mb": peak, "max_adapter_difference": difference,
+               "speedup_vs_sequential": median["sequential"] / median["packed"],
+               "speedup_vs_processes": median["processes"] / median["packed"]}  # fmt: skip
+    write_results("sweep", {"meta": meta, "summary": summary, "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    main()
