@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,10 @@ class TrainingError(LorakitError, RuntimeError):
 
 def owns_output_dir(function):
     """Run ``function(recipe, ...)`` holding the exclusive lock of ``recipe.output_dir``: two runs never write
-    into one directory (the second gets :class:`lorakit.run_lock.RunLockedError` naming the first). Under
-    torchrun only rank 0 (``RANK``) holds it: the ranks of one run share the directory, and only rank 0 writes."""
+    into one directory (the second gets :class:`lorakit.run_lock.RunLockedError` naming the first)."""
 
     @functools.wraps(function)
     def locked(recipe, *args, **kwargs):
-        if os.environ.get("RANK", "0") != "0":
-            return function(recipe, *args, **kwargs)
         with RunLock(recipe.output_dir):
             return function(recipe, *args, **kwargs)
 
