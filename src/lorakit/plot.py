@@ -38,12 +38,7 @@ def plot_metrics(metrics: Path, png: Path) -> Path | None:
     axis.set_ylabel("loss (nats / target token)")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(png)
-    return png
+    return _save_figure(figure, png)
 
 
 def plot_eval_curves(
@@ -72,12 +67,7 @@ def plot_eval_curves(
     axis.set_ylabel("eval loss (nats / target token)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(png)
-    return png
+    return _save_figure(figure, png)
 
 
 class MetricsLog:
@@ -114,3 +104,15 @@ def _tensorboard(out: Path):
             "train.tensorboard=true needs the tensorboard package: pip install tensorboard (or set it to false)"
         ) from None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _save_figure(figure, png: Path) -> Path:
+    """Write ``figure`` to ``png`` atomically (a temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(png)
+    return png
