@@ -43,6 +43,7 @@ from __future__ import annotations
 import time
 
 PROCESS_START = time.time()  # before the heavy imports: "time to first step" counts them
+SEED = [42]  # the run's seed (--seed in a child process), the same for both stacks
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -247,7 +248,7 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
                  "padding_free": os.environ.get("E2E_PADDING_FREE", "1") == "1"},
         "train": {"max_steps": work.steps, "batch_size": work.batch, "grad_accum": 1, "lr": work.lr,
                   "warmup_steps": work.warmup_steps, "scheduler": "linear", "precision": "auto",
-                  "chunked_loss": os.environ.get("E2E_CHUNKED", "1") == "1", "seed": 42},
+                  "chunked_loss": os.environ.get("E2E_CHUNKED", "1") == "1", "seed": SEED[0]},
         "output_dir": str(out / "lorakit"), "overwrite": True,
     })  # fmt: skip
     from lorakit.adapters.lora import LoraLinear
@@ -316,7 +317,7 @@ def run_trl(work: Workload, out: Path, precision: str) -> dict:
         gradient_accumulation_steps=1, learning_rate=work.lr, lr_scheduler_type="linear",
         warmup_steps=work.warmup_steps, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         bf16=precision == "bf16", gradient_checkpointing=False, max_length=work.max_length, packing=False,
-        completion_only_loss=True, seed=42, logging_steps=10_000, save_strategy="no", eval_strategy="no",
+        completion_only_loss=True, seed=SEED[0], logging_steps=10_000, save_strategy="no", eval_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
     )  # fmt: skip
     times: list[float] = []
@@ -350,6 +351,7 @@ def run_trl(work: Workload, out: Path, precision: str) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    SEED[0] = args.seed
     from lorakit.hardware import resolve_precision
 
     cache = Path(args.cache)
@@ -371,10 +373,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- parent
-def launch(stack: str, workload: str, args: argparse.Namespace) -> dict:
+def launch(stack: str, workload: str, args: argparse.Namespace, seed: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         command = [sys.executable, __file__, "--child", stack, "--workload", workload, "--result", result.name,
-                   "--threads", str(args.threads), "--cache", str(args.cache),
+                   "--threads", str(args.threads), "--cache", str(args.cache), "--seed", str(seed),
                    "--quickstart-steps", str(args.quickstart_steps), "--smollm2-steps", str(args.smollm2_steps)]  # fmt: skip
         env = {
             **os.environ,
@@ -408,7 +410,13 @@ def main() -> None:
     parser.add_argument(
         "--stacks", default="lorakit,trl", help="which stacks run: lorakit,trl (default both)"
     )
+    parser.add_argument(
+        "--seeds", default="42",
+        help="comma-separated seeds, one per round in turn (both stacks run each seed): medians over seeds "
+        "separate the stacks from the seed's own spread of the held-out loss",
+    )  # fmt: skip
     parser.add_argument("--child", choices=["lorakit", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -429,14 +437,16 @@ def main() -> None:
     print(f"matmul {dtype}: {rate:.1f} GFLOP/s on {args.threads} threads; load {os.getloadavg()[0]:.2f}")
     for name in names:
         runs: dict[str, list[dict]] = {"lorakit": [], "trl": []}
+        seeds = [int(seed) for seed in args.seeds.split(",")]
         for round_ in range(args.rounds):
             order = ["lorakit", "trl"] if round_ % 2 == 0 else ["trl", "lorakit"]
+            seed = seeds[round_ % len(seeds)]
             for stack in (s for s in order if s in args.stacks.split(",")):
-                runs[stack].append(launch(stack, name, args))
+                runs[stack].append({**launch(stack, name, args, seed), "seed": seed})
                 r = runs[stack][-1]
                 if r.get("profile") and round_ == 0:
                     print(f"{stack} on {name}: one step, ops by self CPU time\n{r['profile']}")
-                print(f"  {name} round {round_ + 1} {stack}: {r['tokens_per_s']:.0f} tok/s, first step "
+                print(f"  {name} round {round_ + 1} (seed {seed}) {stack}: {r['tokens_per_s']:.0f} tok/s, first step "
                       f"{r['first_step_s']:.1f} s, RSS {r['rss'] / 2**30:.2f} GiB, held-out {r['heldout']:.4f}")  # fmt: skip
         medians = {stack: summarize(r) for stack, r in runs.items() if r}
         for row in medians.values():

@@ -45,6 +45,15 @@ def test_dry_run_prints_resolved_recipe(capsys):
     assert set(printed) >= {"model", "adapter", "data", "train", "output_dir"}
 
 
+def test_overrides_may_follow_an_option(capsys):
+    assert main(["train", "train.lr=1e-3", "--dry-run", "adapter.r=4", "train.seed=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["train"]["lr"], printed["adapter"]["r"], printed["train"]["seed"]) == (1e-3, 4, 7)
+    with pytest.raises(SystemExit):  # anything else left over is still refused
+        main(["train", "--dry-run", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_clear_line_not_a_traceback(capsys):
     assert main(["train", "train.lrr=1"]) == 2
     err = capsys.readouterr().err

@@ -353,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorakit`` console script: parse, then run the command inside the error boundary
     (:func:`lorakit.cli.boundary.run_command`)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `lorakit train recipe.yaml --no-progress train.lr=1e-3`: argparse takes positionals in one run, so
+    # overrides after an option come back unparsed; they are overrides all the same
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
