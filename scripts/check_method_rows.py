@@ -14,6 +14,7 @@ suite. Exit status 0 when every row passes the check. Takes about one suite run 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -43,12 +44,14 @@ def drop_row(source: str, name: str) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport | pytest.CollectReport) -> None:
-    """Plugin hook (``-p check_method_rows`` in :func:`failures`): append each failing or erroring test's node id
-    to the file named by ``$CHECK_METHOD_ROWS_FAILED``, one a line; the summary line "FAILED <id> - <message>"
-    cannot be split back when a parameter id holds spaces."""
+    """Plugin hook (``-p check_method_rows`` in :func:`failures`): append each failing or erroring test to the file
+    named by ``$CHECK_METHOD_ROWS_FAILED``, one JSON line ``{"id": node id, "why": crash message}`` (the summary
+    line "FAILED <id> - <message>" cannot be split back when a parameter id holds spaces)."""
     if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        why = crash.message if crash is not None else str(report.longrepr)
         with open(os.environ["CHECK_METHOD_ROWS_FAILED"], "a", encoding="utf-8") as out:
-            out.write(report.nodeid + "\n")
+            out.write(json.dumps({"id": report.nodeid, "why": why[:600]}) + "\n")
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
@@ -56,8 +59,9 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     pytest_runtest_logreport(report)
 
 
-def failures(tree: Path) -> list[str]:
-    """Node ids of the tests that fail or error in ``tree`` (the default suite, as ``make test`` runs it)."""
+def failures(tree: Path) -> dict[str, str]:
+    """Node id -> crash message of each test that fails or errors in ``tree`` (the default suite, as ``make test``
+    runs it)."""
     record = tree / ".failed-node-ids"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "check_method_rows", "tests"],
@@ -71,11 +75,13 @@ def failures(tree: Path) -> list[str]:
         capture_output=True,
         text=True,
     )
-    failed = set(record.read_text(encoding="utf-8").splitlines()) if record.exists() else set()
+    lines = record.read_text(encoding="utf-8").splitlines() if record.exists() else []
+    failed = {row["id"]: row["why"] for row in map(json.loads, lines)}
     if run.returncode not in (0, 1):  # 1: tests failed; anything else: pytest could not run the whole suite
-        print(run.stdout[-2000:], run.stderr[-2000:], sep="\n", file=sys.stderr)
-        failed.add(f"<pytest exited with status {run.returncode}>")
-    return sorted(failed)
+        failed[f"<pytest exited with status {run.returncode}>"] = (
+            f"{run.stdout[-1000:]}\n{run.stderr[-1000:]}"
+        )
+    return failed
 
 
 def check(name: str, title: str) -> bool:
@@ -95,10 +101,11 @@ def check(name: str, title: str) -> bool:
         methods.write_text(drop_row(methods.read_text(), name))
         failed = failures(tree)
     words = {name, title.lower(), *ALIASES.get(name, ())}  # "QR-LoRA" in a benchmark row's id names it too
-    foreign = [node for node in failed if not any(w in node.lower() for w in words)]
+    foreign = [node for node in sorted(failed) if not any(w in node.lower() for w in words)]
     print(f"without the {name!r} row: {len(failed)} tests fail, {len(foreign)} of them not {name}'s")
     for node in foreign:
-        print(f"  not {name}'s: {node}")
+        why = failed[node].strip().replace("\n", "\n      ")
+        print(f"  not {name}'s: {node}\n      {why}")
     if not failed:
         print(f"  no test failed: {name} is not tested through its row")
     return bool(failed) and not foreign
