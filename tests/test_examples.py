@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_examples_demo_trains_saves_and_reloads():
-    # One intra-op thread (as conftest.one_torch_thread): on a loaded 2-core machine a second one only adds OpenMP
-    # spinning; the demo took 71 s with two threads and 7 s with one, and ran past the timeout in a busy suite.
+    # One intra-op thread (as conftest.one_torch_thread): on a loaded 2-core machine a second one only adds
+    # OpenMP spinning: the demo took 71 s with two threads and 7 s with one, and failed in busy suite runs
+    # (likely its timeout).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py")],
