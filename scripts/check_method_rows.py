@@ -14,16 +14,20 @@ suite. Exit status 0 when every row passes the check. Takes about one suite run 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# the words that mark a test as the method's own, besides the row's name
+# the words that mark a test as the method's own, besides the row's name and title
 ALIASES = {"dora": ("dora",), "adalora": ("adalora", "rank_allocator"), "qrlora": ("qrlora", "qr_lora")}
 
 
@@ -39,20 +43,49 @@ def drop_row(source: str, name: str) -> str:
     return "".join(lines[:start] + lines[stop + 1 :])
 
 
-def failures(tree: Path) -> list[str]:
-    """Node ids of the tests that fail or error in ``tree`` (the default suite, as ``make test`` runs it)."""
+def pytest_runtest_logreport(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Plugin hook (``-p check_method_rows`` in :func:`failures`): append each failing or erroring test to the file
+    named by ``$CHECK_METHOD_ROWS_FAILED``, one JSON line ``{"id": node id, "why": crash message}`` (the summary
+    line "FAILED <id> - <message>" cannot be split back when a parameter id holds spaces)."""
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        why = crash.message if crash is not None else str(report.longrepr)
+        with open(os.environ["CHECK_METHOD_ROWS_FAILED"], "a", encoding="utf-8") as out:
+            out.write(json.dumps({"id": report.nodeid, "why": why[:600]}) + "\n")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """Plugin hook: a test file that cannot be collected counts as a failure under its path."""
+    pytest_runtest_logreport(report)
+
+
+def failures(tree: Path) -> dict[str, str]:
+    """Node id -> crash message of each test that fails or errors in ``tree`` (the default suite, as ``make test``
+    runs it)."""
+    record = tree / ".failed-node-ids"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "check_method_rows", "tests"],
         cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree / "src"), "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(tree / "src"), str(tree / "scripts")]),
+            "HF_HUB_OFFLINE": "1",
+            "CHECK_METHOD_ROWS_FAILED": str(record),
+        },
         capture_output=True,
         text=True,
     )
-    return sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, flags=re.M)))
+    lines = record.read_text(encoding="utf-8").splitlines() if record.exists() else []
+    failed = {row["id"]: row["why"] for row in map(json.loads, lines)}
+    if run.returncode not in (0, 1):  # 1: tests failed; anything else: pytest could not run the whole suite
+        failed[f"<pytest exited with status {run.returncode}>"] = (
+            f"{run.stdout[-1000:]}\n{run.stderr[-1000:]}"
+        )
+    return failed
 
 
-def check(name: str) -> bool:
-    """Run the suite without ``name``'s row; print and judge what failed."""
+def check(name: str, title: str) -> bool:
+    """Run the suite without ``name``'s row (its title: ``title``); print and judge what failed."""
     with tempfile.TemporaryDirectory(prefix=f"lorakit-no-{name}-") as tmp:
         tree = Path(tmp)
         listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
@@ -67,11 +100,12 @@ def check(name: str) -> bool:
         methods = tree / "src/lorakit/methods.py"
         methods.write_text(drop_row(methods.read_text(), name))
         failed = failures(tree)
-    words = ALIASES.get(name, (name,))
-    foreign = [node for node in failed if not any(w in node.lower() for w in words)]
+    words = {name, title.lower(), *ALIASES.get(name, ())}  # "QR-LoRA" in a benchmark row's id names it too
+    foreign = [node for node in sorted(failed) if not any(w in node.lower() for w in words)]
     print(f"without the {name!r} row: {len(failed)} tests fail, {len(foreign)} of them not {name}'s")
     for node in foreign:
-        print(f"  not {name}'s: {node}")
+        why = failed[node].strip().replace("\n", "\n      ")
+        print(f"  not {name}'s: {node}\n      {why}")
     if not failed:
         print(f"  no test failed: {name} is not tested through its row")
     return bool(failed) and not foreign
@@ -85,7 +119,7 @@ def main() -> int:
     rows = [name for name in METHODS if name != "lora"]
     parser.add_argument("names", nargs="*", help=f"rows to drop, one at a time (default: {', '.join(rows)})")
     names = parser.parse_args().names or rows
-    results = [check(name) for name in names]
+    results = [check(name, METHODS[name].title) for name in names]
     return 0 if all(results) else 1
 
 

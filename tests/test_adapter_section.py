@@ -41,7 +41,7 @@ def test_each_method_builds_its_config_with_the_api_defaults(method):
             assert getattr(config, f.name) == getattr(api, f.name), f.name
 
 
-def test_a_config_error_names_the_recipe_key():
+def test_a_qrlora_config_error_names_the_recipe_key():
     with pytest.raises(ConfigError, match=r"^adapter\.qr_alpha must be a non-zero number, got 0$") as err:
         AdapterSection(method="qrlora", qr_alpha=0)
     assert err.value.field == "qr_alpha"

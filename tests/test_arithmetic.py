@@ -187,12 +187,28 @@ def test_combined_targets_are_the_union_of_the_sources():
     assert adapter_configs(model)["qv2"].target_modules == ["q_proj", "v_proj"]
 
 
+def _four_and_eight():
+    model = BUILDERS["llama"]()
+    _random_adapters(
+        model,
+        {"four": dict(r=4, target_modules="all-linear"), "eight": dict(r=8, target_modules="all-linear")},
+    )
+    return model
+
+
+def _assert_refused(model, kwargs, message):
+    kwargs = {"adapter_name": "mix", **kwargs}
+    with pytest.raises(lorakit.ConfigError, match=message):
+        add_weighted_adapter(model, **kwargs)
+    assert "mix" not in adapter_configs(model)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (
             dict(adapters=["four", "nope"], weights=[1, 1]),
-            r"no adapter named 'nope' on this model; present: \['dora', 'eight', 'four'\]",
+            r"no adapter named 'nope' on this model; present: \['eight', 'four'\]",
         ),
         (
             dict(adapters=["four", "eight"], weights=[1, 1], combination="linear"),
@@ -211,20 +227,24 @@ def test_combined_targets_are_the_union_of_the_sources():
         (dict(adapters=["four"], weights=[1.0], svd_rank=0), r"svd_rank must be a positive integer"),
         (dict(adapters=["four"], weights=[float("nan")]), r"weights must be finite numbers"),
         (dict(adapters=[], weights=[]), r"adapters is empty"),
-        (dict(adapters=["dora"], weights=[1.0]), r"'dora' is a DoRA adapter"),
     ],
 )
 def test_clear_errors(kwargs, message):
-    model = BUILDERS["llama"]()
-    _random_adapters(
-        model,
-        {
-            "four": dict(r=4, target_modules="all-linear"),
-            "eight": dict(r=8, target_modules="all-linear"),
-            "dora": dict(r=2, use_dora=True),
-        },
-    )
-    kwargs = {"adapter_name": "mix", **kwargs}
-    with pytest.raises(lorakit.ConfigError, match=message):
-        add_weighted_adapter(model, **kwargs)
-    assert "mix" not in adapter_configs(model)
+    _assert_refused(_four_and_eight(), kwargs, message)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(adapters=["four", "nope"], weights=[1, 1]),
+            r"no adapter named 'nope' on this model; present: \['dora', 'eight', 'four'\]",
+        ),
+        (dict(adapters=["dora"], weights=[1.0]), r"'dora' is a DoRA adapter"),
+    ],
+    ids=["listed", "refused"],
+)
+def test_clear_errors_with_a_dora_adapter(kwargs, message):
+    model = _four_and_eight()
+    _random_adapters(model, {"dora": dict(r=2, use_dora=True)})
+    _assert_refused(model, kwargs, message)

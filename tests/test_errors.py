@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 import lorakit
+from lorakit.methods import METHODS
 
 from tiny_models import BUILDERS
 
@@ -116,13 +118,17 @@ def test_unsupported_peft_features_refused(tmp_path):
         lorakit.load_adapter(BUILDERS["llama"](), path)
 
 
-def test_an_adapter_type_lorakit_does_not_read_is_named(tmp_path):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_adapter_type_lorakit_does_not_read_is_named(tmp_path, method):
     path = _saved(tmp_path, target_modules=["q_proj"])
     config = json.loads((path / "adapter_config.json").read_text())
     config["peft_type"] = "IA3"
     (path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(lorakit.ConfigError, match=r"peft_type is 'IA3'; lorakit reads LORA .*ADALORA"):
+    with pytest.raises(lorakit.ConfigError, match=r"peft_type is 'IA3'; lorakit reads LORA ") as err:
         lorakit.load_adapter(BUILDERS["llama"](), path)
+    # every method the table holds is listed: its peft_type, then its title among that type's methods
+    record = METHODS[method]
+    assert re.search(rf"{re.escape(record.peft_type)} \([^)]*{re.escape(record.title)}[,)]", str(err.value))
 
 
 def test_save_is_atomic_and_keeps_old_files_on_failure(tmp_path, monkeypatch):

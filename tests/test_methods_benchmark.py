@@ -85,6 +85,10 @@ def test_reference_rows_train_what_they_claim():
     assert trainable(setup("full FT").model) == sum(p.numel() for p in model.parameters())
     assert trainable(setup("head only").model) == head
     assert trainable(setup("PEFT LoRA").model) == peft_count(peft_lora())
+
+
+def test_qr_lora_row_trains_one_scalar_per_kept_component():
+    head = sum(p.numel() for p in tiny_classifier().classifier.parameters())
     # QR-LoRA: one λ per kept component (max_r 16 of 32) on each of the 13 Linears, plus the head.
     qr = setup("QR-LoRA")
     assert trainable(qr.model) == 16 * 13 + head

@@ -198,15 +198,24 @@ def test_save_load_on_a_fresh_base_without_running_qr(tmp_path, monkeypatch):
         load_qrlora(tiny_llama(), tmp_path)
 
 
-def test_a_second_adapter_joins_the_wrapped_layers_and_methods_do_not_mix():
+def _two_qrlora_adapters():
     model = wrap_qrlora(tiny_llama(), QRLoraConfig(r=2, target_modules=["q_proj"]))
     wrap_qrlora(model, QRLoraConfig(r=3, target_modules=["q_proj"]), adapter_name="other")
+    return model
+
+
+def test_adalora_does_not_mix_into_a_qrlora_layer():
+    model = _two_qrlora_adapters()
+    with pytest.raises(ConfigError, match="does not mix"):
+        wrap_adalora(model, AdaLoraConfig(target_modules=["q_proj"], total_step=3), adapter_name="ada")
+
+
+def test_a_second_adapter_joins_the_wrapped_layers_and_methods_do_not_mix():
+    model = _two_qrlora_adapters()
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.adapter_names() == ["default", "other"] and layer.active_adapters == ["default"]
     assert layer.rank("other") == 3 and not layer.qr_lambda["other"].requires_grad
-    with pytest.raises(ConfigError, match="does not mix"):
-        wrap_adalora(model, AdaLoraConfig(target_modules=["q_proj"], total_step=3), adapter_name="ada")
-    # and LoRA refuses a QR-LoRA layer before wrapping anything (v_proj stays a plain Linear)
+    # LoRA refuses a QR-LoRA layer before wrapping anything (v_proj stays a plain Linear)
     with pytest.raises(ConfigError, match=r"q_proj already holds QRLoraLinear adapters.*does not mix"):
         lorakit.wrap(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="lora")
     assert type(model.model.layers[0].self_attn.v_proj) is torch.nn.Linear

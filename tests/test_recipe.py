@@ -13,6 +13,12 @@ from lorakit.recipe import QUICKSTART_DIR, RECIPES_DIR, Recipe, apply_overrides,
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
+def _recipe_id(path: Path) -> str:
+    """The recipe's name and its adapter method (``multilingual-dora``): testing it tests that method too."""
+    method = (yaml.safe_load(path.read_text()).get("adapter") or {}).get("method", "lora")
+    return f"{path.stem}-{method}"
+
+
 def test_the_four_seed_recipes_ship():
     assert {p.stem for p in SHIPPED} >= {
         "qlora_alpaca",
@@ -22,7 +28,7 @@ def test_the_four_seed_recipes_ship():
     }
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SHIPPED, ids=_recipe_id)
 def test_every_shipped_recipe_loads_and_round_trips(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
@@ -31,7 +37,7 @@ def test_every_shipped_recipe_loads_and_round_trips(path):
     recipe.adapter.lora_config()  # the adapter section is a valid LoraConfig
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SHIPPED, ids=_recipe_id)
 def test_shipped_recipes_let_the_hardware_choose_precision(path):
     # a pinned bf16 would run ~70x slower on a CPU without native bf16 (docs/precision.md)
     recipe = load_recipe(path)
@@ -64,6 +70,9 @@ def test_seed_recipe_values():
     instruct = load_recipe(RECIPES_DIR / "instruction_tuning.yaml")
     assert (instruct.adapter.r, instruct.adapter.lora_alpha, instruct.train.loraplus_ratio) == (8, 16, 16)
     assert instruct.adapter.target_modules == "minimal"
+
+
+def test_seed_recipe_values_multilingual_dora():
     multi = load_recipe(RECIPES_DIR / "multilingual.yaml")
     assert (multi.adapter.method, multi.adapter.r, multi.adapter.lora_alpha) == ("dora", 64, 128)
     assert (multi.train.lr, multi.train.warmup_ratio, multi.adapter.target_modules) == (
@@ -113,6 +122,9 @@ def test_loraplus_needs_a_method_with_b_matrices(method):
     ):
         # From the dataclass defaults, not the quickstart recipe (whose LoRA fields QR-LoRA would refuse first).
         recipe_from_dict(apply_overrides({}, [f"adapter.method={method}", "train.loraplus_ratio=16"]))
+
+
+def test_loraplus_takes_a_dora_adapter():
     assert load_recipe(None, ["adapter.method=dora", "train.loraplus_ratio=16"]).train.loraplus_ratio == 16
 
 

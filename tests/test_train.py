@@ -149,7 +149,9 @@ def test_early_stopping_when_eval_loss_stops_improving(workspace, tmp_path):
 
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # this tree's src first: the interpreter's own lorakit may be another checkout (an editable install elsewhere)
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
 

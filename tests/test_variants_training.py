@@ -1,8 +1,9 @@
 """AdaLoRA and QR-LoRA through the product: recipe -> train() -> files -> PEFT / lorakit / CLI.
 
-Each method trains once on the tiny workspace (module fixture); the tests read what that run wrote: the loss, the
-AdaLoRA rank budget per step, resume exactness, PEFT loading the AdaLoRA adapter, lorakit loading QR-LoRA's,
-``lorakit merge`` / ``generate`` / ``inspect`` on the outputs, and short runs on a 4-bit bf16 base.
+Each method trains once on the tiny workspace (module fixture; the first test that asks for a method's run trains
+it); the tests read what that run wrote: the loss, the AdaLoRA rank budget per step, resume exactness, PEFT loading
+the AdaLoRA adapter, lorakit loading QR-LoRA's, ``lorakit merge`` / ``generate`` / ``inspect`` on the outputs, and
+short runs on a 4-bit bf16 base.
 """
 
 from __future__ import annotations
@@ -60,24 +61,36 @@ def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("variants"))
 
 
-@pytest.fixture(scope="module")
-def runs(workspace):
-    """Each method trained once; the AdaLoRA run records when the loop calls the controller."""
+def _train(workspace, method):
+    """One run of ``method``; an AdaLoRA run records when the loop calls the controller."""
     calls = []
     real_regularizer, real_step = AdaLoraController.regularizer, AdaLoraController.step
-    done = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             AdaLoraController, "regularizer", lambda self, m: calls.append("reg") or real_regularizer(self, m)
         )
         patch.setattr(AdaLoraController, "step", lambda self, m, s: calls.append(s) or real_step(self, m, s))
-        for method, overrides in METHODS.items():
-            recipe = _recipe(workspace, *overrides, f"output_dir={workspace / method}")
-            result = train(recipe, progress=False)
-            weights = load_file(result.output_dir / "adapter_model.safetensors")
-            done[method] = {"recipe": recipe, "result": result, "weights": weights}
-    done["adalora"]["calls"] = calls
-    return done
+        recipe = _recipe(workspace, *METHODS[method], f"output_dir={workspace / method}")
+        result = train(recipe, progress=False)
+    weights = load_file(result.output_dir / "adapter_model.safetensors")
+    return {"recipe": recipe, "result": result, "weights": weights, "calls": calls}
+
+
+class _Runs(dict):
+    """Method -> its run, trained once when a test first asks for it (so a method's tests need only its row)."""
+
+    def __init__(self, workspace):
+        super().__init__()
+        self.workspace = workspace
+
+    def __missing__(self, method):
+        self[method] = _train(self.workspace, method)
+        return self[method]
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    return _Runs(workspace)
 
 
 def _fresh(recipe, adapter=None, is_trainable=False):
@@ -96,7 +109,7 @@ def _eval_loss(recipe, tokenizer, model) -> float:
 IDS = torch.tensor([[1, 5, 9, 30, 44, 2, 17, 8]])
 
 
-def test_arithmetic_compression_and_stacking_refuse_variant_adapters_by_name(tmp_path):
+def test_arithmetic_compression_and_stacking_refuse_adalora_adapters_by_name(tmp_path):
     from lorakit.adapters.adalora import AdaLoraConfig
     from lorakit.arithmetic import add_weighted_adapter, stack_adapters
     from lorakit.compress import save_adapter_int8
@@ -269,15 +282,19 @@ def test_4bit_base_in_bf16_trains_and_its_adapter_reloads(workspace, tmp_path, m
         (["adapter.method=qrlora", "adapter.r=4", "adapter.tau=0.5"], r"adapter\.r=4 .* and adapter\.tau=0\.5 .* exclude"),
         (["adapter.method=qrlora", "adapter.max_r=4"], r"adapter\.max_r=4 caps .* adapter\.tau, which is not set"),
     ],
+    ids=[  # the method each case needs (its node id must name it: scripts/check_method_rows.py)
+        "adalora-key-on-lora", "qrlora-key-on-dora", "adalora-target_r", "adalora-beta1",
+        "adalora-use_rslora", "adalora-init_lora_weights", "adalora-r-and-init_r", "qrlora-lora_alpha",
+        "qrlora-qr_alpha", "qrlora-tau", "qrlora-r-and-tau", "qrlora-max_r",
+    ],
 )  # fmt: skip
 def test_recipe_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         recipe_from_dict(apply_overrides({}, overrides))
 
 
-def test_recipe_builds_each_method_config():
+def test_recipe_builds_the_adalora_config():
     from lorakit.adapters.adalora import AdaLoraConfig
-    from lorakit.adapters.qrlora import QRLoraConfig
 
     ada = recipe_from_dict(apply_overrides({}, METHODS["adalora"])).adapter.adapter_config()
     assert isinstance(ada, AdaLoraConfig) and (ada.init_r, ada.target_r, ada.tinit, ada.tfinal) == (
@@ -293,11 +310,19 @@ def test_recipe_builds_each_method_config():
         0.5,
         None,
     )
+
+
+def test_recipe_builds_the_qrlora_config():
+    from lorakit.adapters.qrlora import QRLoraConfig
+
     energy = recipe_from_dict(
         apply_overrides({}, ["adapter.method=qrlora", "adapter.tau=0.5", "adapter.max_r=4"])
     )
     qr = energy.adapter.adapter_config()
     assert isinstance(qr, QRLoraConfig) and (qr.r, qr.tau, qr.max_r, qr.alpha) == (None, 0.5, 4, 1.0)
+
+
+def test_recipe_builds_a_lora_config_by_default():
     assert isinstance(recipe_from_dict({}).adapter.adapter_config(), lorakit.LoraConfig)
 
 
@@ -307,7 +332,7 @@ def test_a_run_too_short_for_the_adalora_schedule_is_refused(workspace, tmp_path
         train(recipe, progress=False)
 
 
-def test_mixed_batches_refuse_variant_adapters_and_list_adapters_reports_them(runs):
+def test_mixed_batches_refuse_qrlora_adapters_and_list_adapters_reports_them(runs):
     recipe, result = runs["qrlora"]["recipe"], runs["qrlora"]["result"]
     _, model = _fresh(recipe, result.output_dir)
     with (

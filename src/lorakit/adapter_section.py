@@ -25,25 +25,21 @@ RECIPE_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.
 
 
 @dataclass
-class AdapterSection:
+class _SharedFields:
     """The adapter: a method (a row of :data:`lorakit.methods.METHODS`) plus its config's fields, flat.
 
     The fields are :class:`~lorakit.LoraConfig`'s (same names, meanings and defaults, but for
-    :data:`RECIPE_DEFAULTS`) and each method's own, named as in its record's ``recipe_fields``; a method-only field
-    left unset (null) takes its config class's default. A field the chosen method does not read is refused
-    (it would be ignored).
+    :data:`RECIPE_DEFAULTS`), then each method's own keys, named as in its record's ``recipe_fields`` and documented
+    on its config class and in docs/variants.md (AdaLoRA's ``target_r``, ``tinit`` ...; QR-LoRA's ``tau``, ``max_r``,
+    ``qr_alpha``). :class:`AdapterSection` is this class with those keys added from the table (:func:`_own_keys`),
+    so they come and go with the rows. A method's own key left unset (null) takes its config class's default. A
+    field the chosen method does not read is refused (it would be ignored).
 
     Args:
-        method (str): ``"lora"`` (default), ``"dora"``, ``"adalora"`` or ``"qrlora"``.
-        stack_on (list[str]): Adapter directories loaded frozen under the new one (continual learning; LoRA and DoRA).
-        init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight: AdaLoRA only
-            (:class:`~lorakit.adapters.adalora.AdaLoraConfig`, PEFT's names). Unset means PEFT's default, and
-            ``init_r`` = ``r``. ``total_step`` is the run's number of optimizer steps. ``r``, ``lora_alpha``,
-            ``lora_dropout``, ``init_lora_weights`` (true/false) and the target fields apply too.
-        tau, max_r, qr_alpha: QR-LoRA only (:class:`~lorakit.adapters.qrlora.QRLoraConfig`; ``qr_alpha`` is its
-            ``alpha``). Without ``tau`` every target keeps a fixed ``r`` components; with ``tau`` (in (0, 1]) the
-            smallest rank whose diagonal energy reaches it, capped by ``max_r`` (default 16).
-        Other fields: see :class:`~lorakit.LoraConfig`.
+        method (str): A row of :data:`lorakit.methods.METHODS` (default ``"lora"``).
+        stack_on (list[str]): Adapter directories loaded frozen under the new one (continual learning; methods
+            with LoRA factors).
+        Other fields: see :class:`~lorakit.LoraConfig` and the method's config class.
 
     Raises:
         ConfigError: An invalid field, or a field the chosen method does not read (``adapter.<field>``).
@@ -62,17 +58,6 @@ class AdapterSection:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     stack_on: list[str] = field(default_factory=list)
-    init_r: int | None = None
-    target_r: int | None = None
-    tinit: int | None = None
-    tfinal: int | None = None
-    deltaT: int | None = None  # PEFT's name
-    beta1: float | None = None
-    beta2: float | None = None
-    orth_reg_weight: float | None = None
-    tau: float | None = None
-    max_r: int | None = None
-    qr_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -137,6 +122,29 @@ class AdapterSection:
         if method.config is LoraConfig:
             values.update(method.flags)
         return _build(LoraConfig, values, {})
+
+
+def _own_keys() -> list[tuple[str, str, Any]]:
+    """The recipe keys the methods read beyond the shared fields, in table order, as ``make_dataclass`` fields:
+    typed as the config field each fills (optional) and unset (None) by default, so the config's default applies.
+    A method's keys are its row's ``recipe_fields``, so they come and go with the row."""
+    shared = {f.name for f in dataclasses.fields(_SharedFields)}
+    own: dict[str, tuple[str, str, Any]] = {}
+    for method in METHOD_TABLE.values():
+        types = {f.name: str(f.type) for f in dataclasses.fields(method.config)}  # annotations are strings
+        for key, name in method.recipe_fields.items():
+            if key not in shared and key not in own:
+                kind = types[name] if "None" in types[name] else f"{types[name]} | None"
+                own[key] = (key, kind, field(default=None))
+    return list(own.values())
+
+
+AdapterSection = dataclasses.make_dataclass(
+    "AdapterSection",
+    _own_keys(),
+    bases=(_SharedFields,),
+    namespace={"__module__": __name__, "__doc__": _SharedFields.__doc__},
+)
 
 
 def _build(cls: type, values: dict[str, Any], recipe_keys: dict[str, str]) -> Any:

@@ -357,7 +357,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     ):
         raise ConfigError(
             f"{source}: train.loraplus_ratio sets LoRA+'s learning rate for LoRA's B matrices, which "
-            f"adapter.method={sections['adapter'].method} does not have: use method lora or dora, or "
+            f"adapter.method={sections['adapter'].method} does not have: use method "
+            f"{' or '.join(name for name, method in METHOD_TABLE.items() if method.lora_factors)}, or "
             "train.loraplus_ratio=null"
         )
     return Recipe(output_dir=output_dir, overwrite=overwrite, **sections)
