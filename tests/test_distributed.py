@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from lorakit.distributed import Ranks, check_strategy
 from lorakit.errors import ConfigError
+from lorakit.methods import METHODS
 from lorakit.train import train
 from train_fixtures import make_workspace, tiny_recipe
 
@@ -75,7 +76,9 @@ def test_two_ranks_reach_the_single_process_adapter(runs):
     # Evaluation ran on both ranks, reduced: the loss of the whole validation set, every row's answer in order.
     assert summaries[1]["eval_loss"] == pytest.approx(summaries[0]["eval_loss"], abs=1e-5)
     for when in ("before", "after"):
-        assert [a["got"] for a in summaries[1][when]["answers"]] == [a["got"] for a in summaries[0][when]["answers"]]
+        assert [a["got"] for a in summaries[1][when]["answers"]] == [
+            a["got"] for a in summaries[0][when]["answers"]
+        ]
         assert summaries[1][when]["n"] == 5
 
 
@@ -116,10 +119,21 @@ def test_ranks_share_each_step_and_refuse_what_they_cannot_split():
     assert fsdp.mine(["a"]) == [None]  # FSDP: every rank runs as many forward passes
     with pytest.raises(ConfigError, match=r"train\.grad_accum: expected a multiple of the 2 ranks"):
         ranks.check_grad_accum(3)
-    with pytest.raises(ConfigError, match=r"train\.strategy=fsdp: expected adapter.method one of lora, dora"):
-        check_strategy("fsdp", "adalora", "adamw")
     with pytest.raises(ConfigError, match=r"train\.optimizer one of adamw"):
         check_strategy("fsdp", "lora", "adamw_8bit")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp_takes_the_methods_with_plain_lora_factors_and_refuses_the_rest(method):
+    check_strategy("ddp", method, "adamw")  # ddp takes every method
+    if METHODS[method].lora_factors:
+        check_strategy("fsdp", method, "adamw")
+        return
+    shardable = ", ".join(name for name, record in METHODS.items() if record.lora_factors)
+    with pytest.raises(
+        ConfigError, match=rf"train\.strategy=fsdp: expected adapter.method one of {shardable}, got"
+    ):
+        check_strategy("fsdp", method, "adamw")
 
 
 def _fsdp_world_of_one(ws: Path, out: Path, device: str, *overrides: str):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError
+from lorakit.methods import METHODS
 from lorakit.packed import pack_key, train_pack, why_not_packable
 from lorakit.train import train
 from train_fixtures import make_workspace, tiny_recipe
@@ -104,9 +105,18 @@ def test_a_dora_config_packs_exactly_and_a_pack_resumes_from_its_checkpoints(wor
 def test_configs_that_cannot_share_a_pack_are_refused(workspace, tmp_path):
     with pytest.raises(ConfigError, match="cannot share a pack"):
         train_pack([tiny_recipe(workspace), tiny_recipe(workspace, "train.batch_size=2")], progress=False)
-    with pytest.raises(ConfigError, match="method=adalora"):
-        train_pack([tiny_recipe(workspace), tiny_recipe(workspace, "adapter.method=adalora")], progress=False)
-    assert why_not_packable(tiny_recipe(workspace, *DORA)) is None
+    assert "PiSSA" in why_not_packable(tiny_recipe(workspace, "adapter.init_lora_weights=pissa"))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_method_packs_when_its_row_has_lora_factors(workspace, method):
+    recipe = tiny_recipe(workspace, f"adapter.method={method}", *(DORA[1:] if method == "dora" else ()))
+    if METHODS[method].lora_factors:
+        assert why_not_packable(recipe) is None
+        return
+    assert f"method={method}" in why_not_packable(recipe)
+    with pytest.raises(ConfigError, match=f"method={method}"):
+        train_pack([tiny_recipe(workspace), recipe], progress=False)
 
 
 def test_a_config_whose_loss_diverges_leaves_the_pack_and_the_others_finish(workspace, tmp_path):

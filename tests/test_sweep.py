@@ -10,7 +10,6 @@ import pytest
 import lorakit.sweep as sweep_module
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.packed import why_not_packable
 from lorakit.recipe import load_recipe
 from lorakit.sweep import SweepOptions, _packs, split_packs
 from lorakit.sweep_space import config_name, grid, parse_axes, parse_stages, split_values
@@ -56,12 +55,10 @@ def test_packs_follow_the_shared_base_and_the_planned_memory(workspace, tmp_path
     assert split_packs(recipes, budget=10**12, max_pack=8) == [[0, 1, 2]]
     assert split_packs(recipes, budget=10**12, max_pack=2) == [[0, 1], [2]]
     assert split_packs(recipes, budget=1, max_pack=8) == [[0], [1], [2]]  # nothing fits twice: one at a time
-    # a different batch size is another base step: no pack; AdaLoRA cannot join one
+    # a different batch size is another base step: no pack (which methods can join one: tests/test_packed.py)
     other = [*recipes, tiny_recipe(workspace, "train.batch_size=2", f"output_dir={tmp_path / 'b2'}")]
     assert _packs(other, SweepOptions(memory_budget=10**12)) == [[0, 1, 2], [3]]
     assert _packs(recipes, SweepOptions(pack=False)) == [[0], [1], [2]]
-    assert "method=adalora" in why_not_packable(tiny_recipe(workspace, "adapter.method=adalora"))
-    assert "PiSSA" in why_not_packable(tiny_recipe(workspace, "adapter.init_lora_weights=pissa"))
 
 
 def test_staged_sweep_writes_results_and_the_best_recipe_and_resumes(

@@ -37,7 +37,7 @@ from lorakit.evaluate import evaluate_losses, exact_match_report, report_rows
 from lorakit.files import atomic_write_bytes
 from lorakit.inject import batch_adapters, mark_trainable, set_adapter, wrap
 from lorakit.loss import causal_lm_loss_sums
-from lorakit.methods import method_of
+from lorakit.methods import METHODS, method_of
 from lorakit.plot import MetricsLog
 from lorakit.recipe import Recipe, precision_header
 from lorakit.schedule import lr_schedule, run_length
@@ -91,8 +91,11 @@ def why_not_packable(recipe: Recipe) -> str | None:
     """
     config = recipe.adapter.adapter_config()
     method = method_of(config)
-    if not method.lora_factors:  # the LoRA rows of the method table (LoRA, DoRA)
-        return f"adapter.method={method.name}: packs hold LoRA and DoRA adapters"
+    if not method.lora_factors:  # the LoRA rows of the method table
+        packable = ", ".join(name for name, record in METHODS.items() if record.lora_factors)
+        return (
+            f"adapter.method={method.name}: packs hold adapters of the methods with LoRA factors ({packable})"
+        )
     if method.float_base_init is not None and method.float_base_init(config):
         return "PiSSA initialization rewrites the shared base weights"
     if recipe.adapter.stack_on:
