@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from lorakit.errors import ConfigError
 from lorakit.methods import METHODS
 from lorakit.packed import pack_key, train_pack, why_not_packable
+from lorakit.run_lock import RunLock, RunLockedError
 from lorakit.train import train
 from train_fixtures import make_workspace, tiny_recipe
 
@@ -106,6 +107,17 @@ def test_configs_that_cannot_share_a_pack_are_refused(workspace, tmp_path):
     with pytest.raises(ConfigError, match="cannot share a pack"):
         train_pack([tiny_recipe(workspace), tiny_recipe(workspace, "train.batch_size=2")], progress=False)
     assert "PiSSA" in why_not_packable(tiny_recipe(workspace, "adapter.init_lora_weights=pissa"))
+    with pytest.raises(ConfigError, match="share an output_dir"):
+        train_pack([tiny_recipe(workspace), tiny_recipe(workspace, "adapter.r=4")], progress=False)
+
+
+def test_a_pack_refuses_a_config_directory_another_run_holds(workspace, tmp_path):
+    recipes = [tiny_recipe(workspace, f"output_dir={tmp_path / name}") for name in ("a", "b")]
+    with RunLock(tmp_path / "b"), pytest.raises(RunLockedError, match=str(tmp_path / "b")):
+        train_pack(recipes, progress=False)
+    assert not (
+        tmp_path / "a"
+    ).exists()  # refused before any work: nothing written for the free config either
 
 
 @pytest.mark.parametrize("method", list(METHODS))

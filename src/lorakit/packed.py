@@ -21,6 +21,7 @@ with dropout > 0 a packed config matches its separate run in distribution, not b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from lorakit.loss import causal_lm_loss_sums
 from lorakit.methods import METHODS, method_of
 from lorakit.plot import MetricsLog
 from lorakit.recipe import Recipe, precision_header
+from lorakit.run_lock import RunLock
 from lorakit.schedule import lr_schedule, run_length
 from lorakit.train import (
     RECIPE_NAME,
@@ -162,10 +164,22 @@ def train_pack(recipes: list[Recipe], resume: bool = False, progress: bool = Tru
 
     Raises:
         ConfigError: The recipes cannot share a pack. TrainingError: An occupied output directory.
+        RunLockedError: Another process is training into one of the configs' output directories.
     """
-    started = time.perf_counter()
     resolved = [r.with_precision_resolved(_device().type) for r in recipes]
+    # before any lock: configs that cannot share a pack (or a directory) are refused first
     _check_pack(resolved)
+    # each config's directory is the pack's alone, as a run's is (lorakit.run_lock)
+    with contextlib.ExitStack() as locks:
+        for recipe in recipes:
+            locks.enter_context(RunLock(recipe.output_dir))
+        return _train_pack(recipes, resolved, resume, progress)
+
+
+def _train_pack(
+    recipes: list[Recipe], resolved: list[Recipe], resume: bool, progress: bool
+) -> list[TrainResult]:
+    started = time.perf_counter()
     print(precision_header(recipes[0], resolved[0]))
     lead, cfg = resolved[0], resolved[0].train
     outs = [_start(recipe, resume) for recipe in resolved]
@@ -231,6 +245,10 @@ def _check_pack(recipes: list[Recipe]) -> None:
         reason = why_not_packable(recipe)
         if reason is not None:
             raise ConfigError(f"{recipe.output_dir}: cannot train in a pack: {reason}")
+    if len({str(recipe.output_dir) for recipe in recipes}) < len(recipes):
+        raise ConfigError(
+            "these configs share an output_dir: each config of a pack writes its own run directory"
+        )
 
 
 def _wrap_configs(model: torch.nn.Module, recipes: list[Recipe], adapters: list[str]) -> None:
