@@ -43,7 +43,6 @@ from __future__ import annotations
 import time
 
 PROCESS_START = time.time()  # before the heavy imports: "time to first step" counts them
-SEED = [42]  # the run's seed (--seed in a child process), the same for both stacks
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -127,6 +126,7 @@ class Workload:
     steps: int
     lr: float
     warmup_steps: int
+    seed: int = 42  # the round's seed (--seeds), the same for both stacks
 
 
 def chat_rows(n: int, seed: int) -> list[dict]:
@@ -248,7 +248,7 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
                  "padding_free": os.environ.get("E2E_PADDING_FREE", "1") == "1"},
         "train": {"max_steps": work.steps, "batch_size": work.batch, "grad_accum": 1, "lr": work.lr,
                   "warmup_steps": work.warmup_steps, "scheduler": "linear", "precision": "auto",
-                  "chunked_loss": os.environ.get("E2E_CHUNKED", "1") == "1", "seed": SEED[0]},
+                  "chunked_loss": os.environ.get("E2E_CHUNKED", "1") == "1", "seed": work.seed},
         "output_dir": str(out / "lorakit"), "overwrite": True,
     })  # fmt: skip
     from lorakit.adapters.lora import LoraLinear
@@ -317,7 +317,7 @@ def run_trl(work: Workload, out: Path, precision: str) -> dict:
         gradient_accumulation_steps=1, learning_rate=work.lr, lr_scheduler_type="linear",
         warmup_steps=work.warmup_steps, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         bf16=precision == "bf16", gradient_checkpointing=False, max_length=work.max_length, packing=False,
-        completion_only_loss=True, seed=SEED[0], logging_steps=10_000, save_strategy="no", eval_strategy="no",
+        completion_only_loss=True, seed=work.seed, logging_steps=10_000, save_strategy="no", eval_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
     )  # fmt: skip
     times: list[float] = []
@@ -351,7 +351,6 @@ def run_trl(work: Workload, out: Path, precision: str) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    SEED[0] = args.seed
     from lorakit.hardware import resolve_precision
 
     cache = Path(args.cache)
@@ -360,6 +359,7 @@ def child(args: argparse.Namespace) -> None:
     ]
     if work.name == "smollm2":
         work = Workload(**{**asdict(work), "model_dir": str(smollm2_dir(cache))})
+    work = Workload(**{**asdict(work), "seed": args.seed})
     precision = resolve_precision("auto", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         run = (run_lorakit if args.child == "lorakit" else run_trl)(work, Path(tmp), precision)
