@@ -43,12 +43,12 @@ from lorakit.plot import MetricsLog
 from lorakit.recipe import Recipe, precision_header
 from lorakit.run_lock import RunLock
 from lorakit.schedule import lr_schedule, run_length
+from lorakit.step import autocast_for
 from lorakit.train import (
     RECIPE_NAME,
     TrainingError,
     TrainResult,
     TrainState,
-    _autocast,
     _device,
     _eval_due,
     _finish,
@@ -132,7 +132,7 @@ def accumulate_pack_gradients(
 
     Each micro-batch ``[B, T]`` is repeated once per adapter (``[K·B, T]``, block ``k`` routed to ``adapters[k]``);
     each block's summed token loss is divided by the target tokens of all micro-batches of the step, as
-    :func:`lorakit.train.accumulate_gradients` does for one run. Backward runs inside the routing block, so
+    :func:`lorakit.step.accumulate_gradients` does for one run. Backward runs inside the routing block, so
     recomputed (checkpointed) layers route the same way.
     """
     blocks = len(adapters)
@@ -142,7 +142,7 @@ def accumulate_pack_gradients(
         rows = len(batch["input_ids"])
         batch = {k: v.to(device).repeat(blocks, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # [K·B, ...]
         with batch_adapters(model, [a for a in adapters for _ in range(rows)], per_block=True):
-            with _autocast(precision, device):
+            with autocast_for(precision, device):
                 sums, _ = causal_lm_loss_sums(model, batch, blocks, chunked=chunked)  # [K]
             losses = sums / n_targets
             losses.sum().backward()  # block k's loss depends on adapter k alone: each gets its own gradient

@@ -8,7 +8,7 @@ import torch
 from lorakit.loss import causal_lm_loss_sum, target_count
 
 
-def _micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's micro-batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
     order = torch.randperm(
         n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -16,7 +16,7 @@ def _micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list
     return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
 
 
-def _autocast(precision: str, device: torch.device):
+def autocast_for(precision: str, device: torch.device):
     """Autocast for ``precision`` (bf16 / fp16), or a disabled one for fp32."""
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
@@ -44,7 +44,7 @@ def accumulate_gradients(
     loss_total = 0.0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(precision, device):
+        with autocast_for(precision, device):
             loss_sum, _ = causal_lm_loss_sum(model, batch, chunked=chunked)
         loss = loss_sum / n_targets
         (scaler.scale(loss) if scaler else loss).backward()

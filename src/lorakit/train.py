@@ -48,7 +48,7 @@ from lorakit.run_dir import (
     reopen_run,
 )
 from lorakit.schedule import lr_lambda, lr_schedule, run_length  # noqa: F401 - lr_lambda's old home
-from lorakit.step import _autocast, _micro_batches, accumulate_gradients  # noqa: F401 - their old home
+from lorakit.step import accumulate_gradients, epoch_micro_batches
 
 
 @dataclass
@@ -362,7 +362,7 @@ def _next_micro_batches(
     them in a single process), and the micro-batches per epoch. Advances ``state.micro_index``."""
     per_epoch = math.ceil(len(run.train_set) / cfg.batch_size)
     epoch, position = divmod(state.micro_index, per_epoch)
-    batches = _micro_batches(len(run.train_set), cfg.batch_size, cfg.seed, epoch)
+    batches = epoch_micro_batches(len(run.train_set), cfg.batch_size, cfg.seed, epoch)
     step = batches[position : position + cfg.grad_accum]  # fewer when the epoch ends inside this step
     state.micro_index += len(step)
     micro = []
