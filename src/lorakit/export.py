@@ -128,13 +128,13 @@ def export_gguf(
 
 
 def _base_config(model_path: str) -> Any:
-    from transformers import AutoConfig
-
+    """The base's config: a GGUF file's from its header, a directory's checked by lorakit.model_dir."""
     from lorakit.gguf_read import gguf_config, is_gguf, open_gguf
+    from lorakit.model_dir import load_model_config
 
     if is_gguf(model_path):
         return gguf_config(open_gguf(model_path))
-    return AutoConfig.from_pretrained(model_path, local_files_only=True)
+    return load_model_config(model_path)
 
 
 def export_gguf_adapter(model_path: str, adapter: str, out: str | os.PathLike) -> Path:
