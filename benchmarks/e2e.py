@@ -127,6 +127,7 @@ class Workload:
     lr: float
     warmup_steps: int
     seed: int = 42  # the round's seed (--seeds), the same for both stacks
+    aligned: bool = True  # TRL reads lorakit's sample order and lr schedule (--no-align: its own)
 
 
 def chat_rows(n: int, seed: int) -> list[dict]:
@@ -258,6 +259,7 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps = [line for line in result.history if "tokens" in line]
     import lorakit
+    from lorakit.attention import enable_segment_attention
     from lorakit.data import load_dataset, training_collator
     from lorakit.train import load_base
 
@@ -268,7 +270,10 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
     # One batch of the run's shape (the first of the data, padding-free as the run), forward + backward.
     train_set, _, _ = load_dataset(resolved.data, tokenizer)
     items = [train_set[i] for i in range(work.batch)]
-    batch = training_collator(tokenizer, model, resolved.data.padding_free)(items)
+    collator = training_collator(tokenizer, model, resolved.data.padding_free)
+    if collator.padding_free:
+        enable_segment_attention(model)  # as the run did
+    batch = collator(items)
     model.train()
     flops = count_flops(
         lambda: accumulate_gradients(model, [batch], torch.device("cpu"), resolved.train.precision)
@@ -293,7 +298,24 @@ def _trl_dataset(work: Workload):
 
     # Read as JSON here: datasets' JSON reader would turn "2038-04-01" outputs into timestamps.
     rows = [json.loads(line) for line in Path(work.train_path).read_text().splitlines() if line.strip()]
+    if (
+        work.aligned
+    ):  # lorakit's sample order, read sequentially by TRL (train_sampling_strategy="sequential")
+        rows = [rows[i] for i in lorakit_order(len(rows), work)]
     return Dataset.from_list([convert(row) for row in rows])
+
+
+def lorakit_order(n_rows: int, work: Workload) -> list[int]:
+    """The rows lorakit's run reads, in its order (each epoch a permutation fixed by the seed), for every step."""
+    from lorakit.step import epoch_micro_batches
+
+    assert n_rows % work.batch == 0, "a short last batch per epoch would shift TRL's batches"
+    order: list[int] = []
+    epoch = 0
+    while len(order) < work.steps * work.batch:
+        order += [i for batch in epoch_micro_batches(n_rows, work.batch, work.seed, epoch) for i in batch]
+        epoch += 1
+    return order
 
 
 def run_trl(work: Workload, out: Path, precision: str) -> dict:
@@ -319,6 +341,7 @@ def run_trl(work: Workload, out: Path, precision: str) -> dict:
         bf16=precision == "bf16", gradient_checkpointing=False, max_length=work.max_length, packing=False,
         completion_only_loss=True, seed=work.seed, logging_steps=10_000, save_strategy="no", eval_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
+        train_sampling_strategy="sequential" if work.aligned else "random",
     )  # fmt: skip
     times: list[float] = []
     tokens: list[int] = []
@@ -327,7 +350,21 @@ def run_trl(work: Workload, out: Path, precision: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.time())
 
-    trainer = SFTTrainer(
+    class AlignedSFTTrainer(SFTTrainer):
+        """With ``--aligned``: lorakit's lr schedule (warmup ``(step + 1) / w``; transformers' is ``step / w``, so
+        its first step has lr 0)."""
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if work.aligned and self.lr_scheduler is None:
+                from lorakit.schedule import lr_lambda
+
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer,
+                    lambda s: lr_lambda(s, work.steps, work.warmup_steps, "linear"),
+                )
+            return super().create_scheduler(num_training_steps, optimizer)
+
+    trainer = AlignedSFTTrainer(
         model=model, args=config, train_dataset=_trl_dataset(work), processing_class=tokenizer,
         peft_config=lora, callbacks=[StepTimes()],
     )  # fmt: skip
@@ -359,7 +396,7 @@ def child(args: argparse.Namespace) -> None:
     ]
     if work.name == "smollm2":
         work = Workload(**{**asdict(work), "model_dir": str(smollm2_dir(cache))})
-    work = Workload(**{**asdict(work), "seed": args.seed})
+    work = Workload(**{**asdict(work), "seed": args.seed, "aligned": args.aligned})
     precision = resolve_precision("auto", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         run = (run_lorakit if args.child == "lorakit" else run_trl)(work, Path(tmp), precision)
@@ -377,6 +414,7 @@ def launch(stack: str, workload: str, args: argparse.Namespace, seed: int) -> di
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         command = [sys.executable, __file__, "--child", stack, "--workload", workload, "--result", result.name,
                    "--threads", str(args.threads), "--cache", str(args.cache), "--seed", str(seed),
+                   "--aligned" if args.aligned else "--no-aligned",
                    "--quickstart-steps", str(args.quickstart_steps), "--smollm2-steps", str(args.smollm2_steps)]  # fmt: skip
         env = {
             **os.environ,
@@ -414,6 +452,11 @@ def main() -> None:
         "--seeds", default="42",
         help="comma-separated seeds, one per round in turn (both stacks run each seed): medians over seeds "
         "separate the stacks from the seed's own spread of the held-out loss",
+    )  # fmt: skip
+    parser.add_argument(
+        "--aligned", action=argparse.BooleanOptionalAction, default=True,
+        help="TRL reads the rows in lorakit's order and uses lorakit's lr schedule (default), so the held-out "
+        "losses compare the stacks rather than two shuffles and two warmup conventions; --no-aligned: TRL's own",
     )  # fmt: skip
     parser.add_argument("--child", choices=["lorakit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     0: (  # core: configs, errors, file formats, quantization, optimizers, data, losses
         "errors", "config", "files", "quant", "quant.fast", "quant.nf4", "quant.linear4bit", "optim",
         "optim.adamw8bit", "optim.paged", "optim.factory", "optim.loraplus", "data", "data.cache", "data.collate",
-        "data.config", "data.dataset", "data.encode", "data.formats", "loss", "presets", "plot", "activations",
+        "data.config", "data.dataset", "data.encode", "data.formats", "loss", "attention", "presets", "plot", "activations",
         "hardware", "bounded_yaml", "run_lock", "model_dir",
     ),
     1: (  # layers: one file per method, each an nn.Module wrapping its base layer

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.adapters.lora import LoraLinear
+from lorakit.adapters.lora_fn import keep_mask
 
 from tiny_models import BUILDERS, model_output, sample_ids
 
@@ -297,3 +298,18 @@ def test_fused_lora_product_dropout_keeps_the_mask_for_backward():
     kept = (~dropped).float() * 2  # the mask as the function used it
     expected_a = b.sum(0)[:, None] * (x.detach() * kept).sum(0)[None, :]  # sum over rows of g B ⊗ drop(x)
     torch.testing.assert_close(a.grad, expected_a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.1, 0.5, 0.9])
+def test_keep_mask_keeps_each_element_with_the_stated_probability(dropout):
+    torch.manual_seed(0)
+    n = 1 << 20
+    mask, keep = keep_mask(torch.Size([n // 64, 64]), dropout, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (n // 64, 64)
+    assert keep == pytest.approx(1 - dropout, abs=1 / 65536)  # the 16-bit threshold
+    tolerance = 5 * math.sqrt(keep * (1 - keep) / (n // 4))  # 5 sigma of each quarter's mean
+    flat = mask.flatten().float()
+    for lane in range(4):  # each 16-bit quarter of the 64-bit words is uniform, the sign bits too
+        assert float(flat[lane::4].mean()) == pytest.approx(keep, abs=tolerance)
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([n // 64, 64]), dropout, torch.device("cpu"))[0], mask)  # seeded

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorakit.attention import KEYWORD as SEGMENTS_KEYWORD
+from lorakit.attention import segment_spans, uses_segment_attention
+
 IGNORE_INDEX = -100
 # 256 tokens x a 32k vocabulary: 33 MB of fp32 logits per chunk (1024 peaked ~160 MB higher: docs/memory.md)
 CHUNK_TOKENS = 256
@@ -90,6 +93,10 @@ def causal_lm_loss_sums(
     count = int(mask.sum()) // blocks  # every block holds the same samples
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     inputs["use_cache"] = False  # no KV cache in training (packed rows are detected from position resets)
+    if "attention_mask" not in inputs and "position_ids" in inputs and uses_segment_attention(model):
+        spans = segment_spans(inputs["position_ids"])  # padding-free rows: attention per sample, sum(length²)
+        if spans is not None:
+            inputs[SEGMENTS_KEYWORD] = spans
     if not chunked or count == 0 or not _supports_hidden_path(model):  # no target: still a graph to backward
         logits = model(**inputs).logits[:, :-1]  # [B, T-1, V]
         rows = logits.shape[0] // blocks

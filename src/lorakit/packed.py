@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lorakit.attention import enable_segment_attention
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, rng_state, set_rng_state
-from lorakit.data import DataError, load_dataset, make_collator, real_token_count
+from lorakit.data import DataError, load_dataset, real_token_count, training_collator
 from lorakit.errors import ConfigError
 from lorakit.evaluate import evaluate_losses, exact_match_report, report_rows
 from lorakit.files import atomic_write_bytes
@@ -268,6 +269,9 @@ def _members(
 ) -> list[_Member]:  # fmt: skip
     """Each config's optimizer (over its adapter alone), schedule, output directory, state and log."""
     train_set, val_set = data
+    collator = training_collator(tokenizer, model, recipes[0].data.padding_free)  # the pack shares its data
+    if collator.padding_free:
+        enable_segment_attention(model)  # attention per sample of a padding-free row, as a separate run
     members = []
     for recipe, out, name in zip(recipes, outs, adapters):
         set_adapter(model, name)  # only this adapter trainable: the optimizer takes the trainable parameters
@@ -275,7 +279,7 @@ def _members(
         optimizer = build_optimizer(model, recipe)
         total, warmup = run_length(recipe.train, len(train_set))
         run = _Run(model, tokenizer, method_of(recipe.adapter.adapter_config()).training(model, name, total),
-                   train_set, val_set, make_collator(tokenizer), optimizer,
+                   train_set, val_set, collator, optimizer,
                    lr_schedule(optimizer, recipe.train, total, warmup), None, _device(), total, params, name)  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / RECIPE_NAME, recipe.to_yaml().encode())

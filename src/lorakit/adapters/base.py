@@ -134,27 +134,34 @@ class AdapterLinear(nn.Module):
 
         A training pack (:mod:`lorakit.packed`): the base output ``result`` [B, ..., out] was computed once for all
         blocks; each block's rows then take the path a run of that adapter alone takes (dropout, DoRA, scaling), so a
-        block's gradient equals its separate run's. ``x`` is cast to the adapter dtype once for all blocks. When
-        every block's adapter is additive (:meth:`additive`: LoRA, not DoRA) and on this layer, the deltas are
-        joined and added in one go (``result + delta`` is elementwise: the same values, fewer ops); otherwise each
-        block goes through :meth:`adapter_output`, and a block whose adapter this layer lacks (other target
-        modules) keeps the base output.
+        block's gradient equals its separate run's. When every block's adapter is additive (:meth:`additive`: LoRA,
+        not DoRA) and on this layer: :meth:`joined_block_output`; otherwise each block goes through
+        :meth:`adapter_output`, and a block whose adapter this layer lacks (other target modules) keeps the base
+        output.
         """
         held, blocks = self.adapter_names(), self.row_plan.blocks
         present = [name for name, _, _ in blocks if name in held]
         if not present:
             return result
-        x = x.to(self.adapter_parameters(present[0])[0].dtype)  # [B, ..., in], once (a no-op per block after)
         if len(present) == len(blocks) and all(self.additive(name) for name in present):
-            deltas = [
-                self.adapter_delta(name, x[start:stop]) for name, start, stop in blocks
-            ]  # [b, ..., out] each
-            return result + torch.cat(deltas).to(result.dtype)
+            return self.joined_block_output(x, result, blocks)
+        x = x.to(self.adapter_parameters(present[0])[0].dtype)  # [B, ..., in], once (a no-op per block after)
         parts = []
         for name, start, stop in blocks:
             part = result[start:stop]  # [b, ..., out]
             parts.append(self.adapter_output(name, x[start:stop], part) if name in held else part)
         return torch.cat(parts)  # [B, ..., out]
+
+    def joined_block_output(
+        self, x: torch.Tensor, result: torch.Tensor, blocks: list[tuple[str, int, int]]
+    ) -> torch.Tensor:
+        """:meth:`block_output` when every block's adapter is additive and on this layer: the deltas joined and
+        added in one go (``result + delta`` is elementwise: the same values, fewer ops)."""
+        x = x.to(self.adapter_parameters(blocks[0][0])[0].dtype)  # [B, ..., in], once for all blocks
+        deltas = [
+            self.adapter_delta(name, x[start:stop]) for name, start, stop in blocks
+        ]  # [b, ..., out] each
+        return result + torch.cat(deltas).to(result.dtype)
 
     def additive(self, name: str) -> bool:
         """Adapter ``name``'s :meth:`adapter_output` is ``result + adapter_delta(x)`` cast to ``result``'s dtype (the

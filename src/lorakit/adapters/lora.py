@@ -40,15 +40,7 @@ class LoraLinear(AdapterLinear):
     adapter output back to the base output dtype (as PEFT does, so a bf16 base trains fp32 factors).
     """
 
-    adapter_tables = (
-        "lora_A",
-        "lora_B",
-        "lora_dropout",
-        "lora_magnitude_vector",
-        "r",
-        "lora_alpha",
-        "scaling",
-    )
+    adapter_tables = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "r", "lora_alpha", "scaling")  # fmt: skip
 
     # Training products through lora_fn.LoraProduct (fewer passes over the activations); False: the module path,
     # the reference the tests compare it with.
@@ -182,6 +174,15 @@ class LoraLinear(AdapterLinear):
         # elementwise work (it was 10-18% of a small model's training step on CPU).
         delta = lora_b(lora_a(x_adapter) * self.scaling[name])  # [..., r] -> [..., out]
         return result + delta.to(result.dtype)
+
+    def joined_block_output(
+        self, x: torch.Tensor, result: torch.Tensor, blocks: list[tuple[str, int, int]]
+    ) -> torch.Tensor:
+        if not (self.fused_autograd and torch.is_grad_enabled()):
+            return super().joined_block_output(x, result, blocks)
+        # Training a pack: each block through the fused product, as its separate run's forward computes it.
+        parts = [self.adapter_output(name, x[start:stop], result[start:stop]) for name, start, stop in blocks]
+        return torch.cat(parts)  # [B, ..., out]
 
     def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name])

@@ -162,8 +162,8 @@ def make_collator(tokenizer: Any, packed_attention: str = "mask", padding_free: 
 def supports_padding_free(model: Any) -> bool:
     """Whether ``model`` keeps the samples of a padding-free row apart when told by ``position_ids`` alone.
 
-    Checked, not assumed (transformers 5 finds packed samples from position resets in most decoders, not in
-    all: GPT-2 attends across them): one forward of two rows that share their second sample and differ in the
+    Checked, not assumed (transformers 5 finds packed samples from position resets in most decoders, not
+    necessarily in all, nor in custom code): one forward of two rows that share their second sample and differ in the
     first, ``[a b c | d e]`` and ``[x y z | d e]`` with positions ``0 1 2 0 1``, in eval mode without grad. The
     second sample's logits are the same in both rows only if nothing crosses the boundary.
     """
