@@ -41,13 +41,11 @@ from results_file import write_results
 AXES = ["adapter.r=8,16", "train.lr=1e-3,2e-3"]
 
 
-def run_mode(root: Path, packed: bool, steps: int, model: str | None, threads: int | None) -> dict:
+def run_mode(root: Path, packed: bool, steps: int, extra: list[str], threads: int | None) -> dict:
     """One ``lorakit sweep`` process; its wall time, peak memory and the sweep's rows."""
     out = root / ("packed" if packed else "sequential")
     overrides = [f"train.max_steps={steps}", "train.eval_generate=0", f"train.eval_every={steps}",
-                 f"output_dir={root / 'run'}"]  # fmt: skip
-    if model:
-        overrides.append(f"model.path={model}")
+                 f"output_dir={root / 'run'}", *extra]  # fmt: skip
     command = [
         sys.executable,
         "-m",
@@ -75,14 +73,14 @@ def run_mode(root: Path, packed: bool, steps: int, model: str | None, threads: i
     }
 
 
-def run_processes(root: Path, steps: int, model: str | None, threads: int | None) -> dict:
+def run_processes(root: Path, steps: int, extra: list[str], threads: int | None) -> dict:
     """Four ``lorakit train`` processes, one per config; wall time and the largest child's peak RSS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     values = [[f"{axis.split('=')[0]}={v}" for v in axis.split("=")[1].split(",")] for axis in AXES]
     started = time.perf_counter()
     for i, config in enumerate(itertools.product(*values)):
         overrides = [f"train.max_steps={steps}", "train.eval_generate=0", f"train.eval_every={steps}", *config,
-                     f"output_dir={root / str(i)}", *([f"model.path={model}"] if model else [])]  # fmt: skip
+                     f"output_dir={root / str(i)}", *extra]  # fmt: skip
         command = [sys.executable, "-m", "lorakit.cli", "train", *overrides, "--no-progress"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
@@ -103,6 +101,23 @@ def adapter_difference(first: Path, second: Path) -> float:
     return worst
 
 
+def workload_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe overrides of the workload (the quickstart recipe is the sweep's base either way)."""
+    extra = [f"model.path={args.model}"] if args.model else []
+    if args.workload == "smollm2":
+        from e2e import chat_rows, smollm2_dir, write_jsonl
+
+        args.cache.mkdir(parents=True, exist_ok=True)
+        train, held_out = args.cache / "chat_train.jsonl", args.cache / "chat_eval.jsonl"
+        write_jsonl(train, chat_rows(400, seed=1))  # the e2e benchmark's files
+        write_jsonl(held_out, chat_rows(32, seed=2))
+        extra = extra or [f"model.path={smollm2_dir(args.cache)}"]
+        extra += [f"data.path={train}", f"data.val_path={held_out}", "data.format=chat", "data.max_length=256",
+                  "model.quantize=nf4", "adapter.lora_dropout=0.05"]  # fmt: skip
+    batch = args.batch or (1 if args.workload == "smollm2" else None)
+    return extra + ([f"train.batch_size={batch}"] if batch else [])
+
+
 TITLES = {
     "processes": "4 `lorakit train` processes, one after another",
     "sequential": "`lorakit sweep --no-pack`: 4 runs in one process",
@@ -116,21 +131,29 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per config (default 60)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating (default 1)")
-    parser.add_argument("--model", default=None, help="a local model directory (default: the quickstart's)")
+    parser.add_argument(
+        "--workload", choices=["quickstart", "smollm2"], default="quickstart",
+        help="quickstart: its recipe as shipped; smollm2: SmolLM2-135M-Instruct in NF4 (from the bench extra's "
+        "GGUF, converted once under --cache, as benchmarks/e2e.py does) on e2e's chat task",
+    )  # fmt: skip
+    parser.add_argument("--batch", type=int, default=None, help="train.batch_size (default: 8 / 1)")
+    parser.add_argument("--model", default=None, help="a local model directory instead of the workload's")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lorakit-e2e")
     parser.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of every mode (default: torch's)"
     )
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/)")
     args = parser.parse_args()
+    extra = workload_overrides(args)
     runs: dict[str, list[dict]] = {mode: [] for mode in TITLES}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for mode in TITLES:
                 root = Path(tmp) / f"{mode}-{repeat}"
                 if mode == "processes":
-                    run = run_processes(root, args.steps, args.model, args.threads)
+                    run = run_processes(root, args.steps, extra, args.threads)
                 else:
-                    run = run_mode(root, mode == "packed", args.steps, args.model, args.threads)
+                    run = run_mode(root, mode == "packed", args.steps, extra, args.threads)
                 runs[mode].append(run)
                 print(f"{mode:10} {run['seconds']:7.1f} s  peak {run['peak_memory_mb']:7.1f} MB")
         difference = adapter_difference(runs["sequential"][0]["dir"], runs["packed"][0]["dir"])
@@ -138,7 +161,8 @@ def main() -> None:
     peak = {mode: max(r["peak_memory_mb"] for r in runs[mode]) for mode in runs}
     load = os.getloadavg()[0]
     threads = args.threads or torch.get_num_threads()
-    print(f"\n4 configs x {args.steps} steps ({', '.join(AXES)}), {threads} threads, load average {load:.1f}")
+    print(f"\n{args.workload}: 4 configs x {args.steps} steps ({', '.join(AXES)}), {' '.join(extra) or 'as shipped'}, "
+          f"{threads} threads, load average {load:.1f}")  # fmt: skip
     print("| mode | wall time (s) | peak memory (MB) | time / packed |\n|---|---|---|---|")
     for mode, title in TITLES.items():
         print(f"| {title} | {median[mode]:.1f} | {peak[mode]:.0f} | {median[mode] / median['packed']:.2f}x |")
@@ -146,12 +170,13 @@ def main() -> None:
     for mode in runs:
         for run in runs[mode]:
             run["dir"] = None
-    meta = {"steps": args.steps, "axes": AXES, "model": args.model or "@quickstart/model (nf4)",
+    meta = {"steps": args.steps, "axes": AXES, "workload": args.workload, "overrides": extra,
             "repeats": args.repeats, "threads": threads, "load_average": load}  # fmt: skip
     summary = {"seconds": median, "peak_memory_mb": peak, "max_adapter_difference": difference,
                "speedup_vs_sequential": median["sequential"] / median["packed"],
                "speedup_vs_processes": median["processes"] / median["packed"]}  # fmt: skip
-    write_results("sweep", {"meta": meta, "summary": summary, "runs": runs}, args.out)
+    name = "sweep" if args.workload == "quickstart" else f"sweep-{args.workload}"
+    write_results(name, {"meta": meta, "summary": summary, "runs": runs}, args.out)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_spans_follow_the_position_resets():
     assert segment_spans(positions) == ((0, 3), (3, 4), (4, 6))
     assert segment_spans(positions.repeat(3, 1)) == ((0, 3), (3, 4), (4, 6))  # a pack's copies of one row
     assert segment_spans(torch.tensor([[0, 1, 2, 0], [0, 1, 0, 1]])) is None  # rows laid out differently
-    assert segment_spans(torch.arange(6)[None]) is None  # one sample: plain causal attention already
+    assert segment_spans(torch.arange(6)[None]) == ((0, 6),)  # one sample: one span
     assert segment_spans(torch.tensor([[2, 3, 0, 1]])) is None  # does not start a sample
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.adapters.lora import LoraLinear
-from lorakit.adapters.lora_fn import keep_mask
+from lorakit.adapters.lora_fn import keep_mask, lora_product, packed_lora_product
 
 from tiny_models import BUILDERS, model_output, sample_ids
 
@@ -313,3 +313,42 @@ def test_keep_mask_keeps_each_element_with_the_stated_probability(dropout):
         assert float(flat[lane::4].mean()) == pytest.approx(keep, abs=tolerance)
     torch.manual_seed(0)
     assert torch.equal(keep_mask(torch.Size([n // 64, 64]), dropout, torch.device("cpu"))[0], mask)  # seeded
+
+
+def test_packed_lora_product_gives_each_block_its_own_adapters_product_and_gradients():
+    torch.manual_seed(0)
+    ranks, scales, n, d_in, d_out = [2, 4, 3], [0.5, 2.0, 1.0], 5, 12, 7
+    factors = [
+        (torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r, requires_grad=True)) for r in ranks
+    ]
+    x = torch.randn(len(ranks) * n, 3, d_in, requires_grad=True)  # K blocks of n rows, 3 tokens each
+    base = torch.randn(len(ranks) * n, 3, d_out, requires_grad=True)
+    weights = [t for pair in factors for t in pair]
+    out = packed_lora_product(x, base, factors, scales, [0.0] * 3, training=True)
+    grads = torch.autograd.grad(
+        (out * out).sum(), [x, base, *weights]
+    )  # a loss that mixes the blocks' values
+    ref = torch.cat([
+        lora_product(x[k * n : (k + 1) * n], a, b, base[k * n : (k + 1) * n], s)
+        for k, ((a, b), s) in enumerate(zip(factors, scales))
+    ])  # fmt: skip
+    ref_grads = torch.autograd.grad((ref * ref).sum(), [x, base, *weights])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, ref_grads):  # unequal ranks: the padding adds nothing and gets no gradient
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_lora_product_drops_each_block_with_its_own_probability():
+    torch.manual_seed(0)
+    n, d = 64, 32
+    factors = [(torch.randn(4, d), torch.randn(d, 4, requires_grad=True)) for _ in range(2)]
+    x = torch.randn(2 * n, d, requires_grad=True)
+    out = packed_lora_product(x, torch.zeros(2 * n, d), factors, [1.0, 1.0], [0.0, 0.5], training=True)
+    (grad_x,) = torch.autograd.grad(out.sum(), [x])
+    dropped = grad_x.abs() < 1e-7  # an input element without adapter gradient was dropped
+    assert not dropped[:n].any()  # block 0: p = 0
+    assert 0.4 < dropped[n:].float().mean() < 0.6  # block 1: p = 0.5
+    kept = ~dropped[n:]  # and the kept elements are scaled by 1 / keep = 2, as the block's own product does
+    expected = lora_product(x[n:] * kept, *factors[1], torch.zeros(n, d), 1.0) * 2
+    torch.testing.assert_close(out[n:], expected, atol=1e-4, rtol=1e-4)

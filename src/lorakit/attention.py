@@ -39,14 +39,14 @@ def segment_spans(position_ids: torch.Tensor) -> tuple[tuple[int, int], ...] | N
             row, or a training pack's copies of it).
 
     Returns:
-        tuple[tuple[int, int], ...] | None: The spans in order, or None when the rows differ, a row does not start
-        at position 0, or there is a single span (plain causal attention needs no splitting).
+        tuple[tuple[int, int], ...] | None: The spans in order (one for a single sample: it still gets the fp32
+        inside on CPU), or None when the rows differ or a row does not start at position 0.
     """
     first = position_ids[0]  # [T]
     if len(position_ids) > 1 and not bool((position_ids == first).all()):
         return None
     starts = (first == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0 or len(starts) == 1:
+    if not starts or starts[0] != 0:
         return None
     return tuple(zip(starts, [*starts[1:], len(first)]))
 

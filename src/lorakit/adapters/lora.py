@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.adapters import dora, mixed
 from lorakit.adapters.base import AdapterLinear, ModulesToSaveWrapper, base_layer_shape, is_quantized
-from lorakit.adapters.lora_fn import lora_product
+from lorakit.adapters.lora_fn import lora_product, packed_lora_product
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 
@@ -178,11 +178,15 @@ class LoraLinear(AdapterLinear):
     def joined_block_output(
         self, x: torch.Tensor, result: torch.Tensor, blocks: list[tuple[str, int, int]]
     ) -> torch.Tensor:
-        if not (self.fused_autograd and torch.is_grad_enabled()):
+        dropouts = [self.lora_dropout[name] for name, _, _ in blocks]
+        equal = len({stop - start for _, start, stop in blocks}) == 1  # a pack: one micro-batch per config
+        plain = all(isinstance(d, (nn.Dropout, nn.Identity)) for d in dropouts)  # else: the module path
+        if not (self.fused_autograd and torch.is_grad_enabled() and equal and plain):
             return super().joined_block_output(x, result, blocks)
-        # Training a pack: each block through the fused product, as its separate run's forward computes it.
-        parts = [self.adapter_output(name, x[start:stop], result[start:stop]) for name, start, stop in blocks]
-        return torch.cat(parts)  # [B, ..., out]
+        # Training a pack: every block's product batched over the blocks (lora_fn.PackedLoraProduct).
+        factors = [(self.lora_A[name].weight, self.lora_B[name].weight) for name, _, _ in blocks]
+        p, scales = [getattr(d, "p", 0.0) for d in dropouts], [self.scaling[name] for name, _, _ in blocks]
+        return packed_lora_product(x, result, factors, scales, p, dropouts[0].training)
 
     def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name])

@@ -81,7 +81,7 @@ def keep_mask(shape: torch.Size, dropout: float, device: torch.device) -> tuple[
     6-15% of a SmolLM2 LoRA step); here four 16-bit draws come from each 64-bit random word (3x faster), and an
     element is dropped when its draw falls below ``round(dropout · 65536)``: ``dropout`` to within 1/65536, and the
     returned keep probability is the exact one the draws give, so ``mask / keep`` stays unbiased. Elsewhere
-    (CUDA's fast generator) ``bernoulli_``.
+    (CUDA's fast generator) ``rand >= dropout``.
 
     Args:
         shape (torch.Size): The mask's shape.
@@ -91,13 +91,8 @@ def keep_mask(shape: torch.Size, dropout: float, device: torch.device) -> tuple[
     Returns:
         tuple[Tensor, float]: A bool mask of ``shape`` (True = kept) and the keep probability.
     """
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - dropout), 1 - dropout
-    n = math.prod(shape)
-    threshold = min(65535, max(1, round(dropout * 65536)))  # draws below it are dropped
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)  # 64 random bits each
-    draws = words.view(torch.int16)[:n].view(shape)  # uniform over int16's 65,536 values
-    return draws >= threshold - 32768, 1 - threshold / 65536
+    mask, keep = keep_masks(torch.Size([1, *shape]), [dropout], device)
+    return mask[0], float(keep[0])
 
 
 def lora_product(
@@ -126,4 +121,127 @@ def lora_product(
     return LoraProduct.apply(x, weight_a, weight_b, base_out, scaling, dropout, training)
 
 
-__all__ = ["LoraProduct", "compute_dtype", "keep_mask", "lora_product"]
+class PackedLoraProduct(torch.autograd.Function):
+    """:class:`LoraProduct` for the ``K`` equal blocks of rows of a training pack (:mod:`lorakit.packed`), each with
+    its own adapter, as batched products: ``[K, n, in] @ [K, in, r] -> [K, n, r] @ [K, r, out]``.
+
+    A pack repeats one micro-batch once per config, so block ``k`` is rows ``[k·n, (k+1)·n)`` and goes through
+    adapter ``k`` alone. Per-block ``mm`` calls made a pack of 4 SmolLM2 configs at 1 x 50 tokens spend a third of
+    its step in small products and weight casts (6 products, 4 casts per block and layer); here each layer makes
+    6 batched ones and casts every factor once. Ranks may differ: factors are zero-padded to the largest rank
+    (padded rows of ``A`` and columns of ``B`` add nothing to the output, and their gradients are dropped).
+    Dropout is per block (its own probability; one draw for all blocks, :func:`keep_mask`'s 16-bit threshold per
+    block); ``1 / keep`` joins each block's scale, as in :class:`LoraProduct`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base_out, scales, dropouts, training, *factors):
+        # x: [K·n, in]; base_out: [K·n, out]; factors: A_0 [r_0, in], B_0 [out, r_0], A_1, B_1, ... (fp32)
+        blocks = len(scales)
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(blocks, -1, x.shape[-1]).to(dtype)  # [K, n, in]
+            a, b, ranks = _stack_factors(factors, dtype)  # [K, r, in], [K, out, r]
+            scale, mask = torch.tensor(scales, dtype=dtype, device=x.device), None
+            if training and any(p > 0 for p in dropouts):
+                mask, keep = keep_masks(flat.shape, dropouts, flat.device)  # [K, n, in] bool, [K]
+                scale = scale / keep.to(dtype)
+            flat_kept = flat if mask is None else flat * mask
+            hidden = torch.bmm(flat_kept, a.transpose(1, 2)) * scale[:, None, None]  # [K, n, r]
+            out = base_out.reshape(blocks, -1, base_out.shape[-1]).to(dtype)  # [K, n, out]
+            out = torch.baddbmm(out, hidden, b.transpose(1, 2)).to(base_out.dtype)
+        ctx.save_for_backward(flat, mask, hidden, a, b, scale)
+        ctx.meta = (ranks, x.shape, x.dtype, factors[0].dtype)
+        return out.view(*base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, mask, hidden, a, b, scale = ctx.saved_tensors
+        ranks, x_shape, x_dtype, factor_dtype = ctx.meta
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(len(ranks), -1, grad_out.shape[-1]).to(a.dtype)  # [K, n, out]
+            grad_b = torch.bmm(g.transpose(1, 2), hidden)  # [K, out, r]
+            grad_hidden = torch.bmm(g, b) * scale[:, None, None]  # [K, n, r]
+            flat_kept = flat if mask is None else flat * mask
+            grad_a = torch.bmm(grad_hidden.transpose(1, 2), flat_kept)  # [K, r, in]
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.bmm(grad_hidden, a)  # [K, n, in]
+                if mask is not None:
+                    grad_x = grad_x * mask
+                grad_x = grad_x.to(x_dtype).view(x_shape)
+            grads = []
+            for k, r in enumerate(ranks):  # each block's own factors, without the padding
+                grads += [grad_a[k, :r].to(factor_dtype), grad_b[k, :, :r].to(factor_dtype)]
+        return grad_x, grad_out, None, None, None, *grads
+
+
+def _stack_factors(factors: tuple[torch.Tensor, ...], dtype: torch.dtype):
+    """``A_k`` and ``B_k`` as ``[K, r_max, in]`` and ``[K, out, r_max]`` in ``dtype``, zero-padded; and the ranks."""
+    pairs = list(zip(factors[::2], factors[1::2]))
+    ranks = [a.shape[0] for a, _ in pairs]
+    if len(set(ranks)) == 1:
+        return (
+            torch.stack([a for a, _ in pairs]).to(dtype),
+            torch.stack([b for _, b in pairs]).to(dtype),
+            ranks,
+        )
+    rank = max(ranks)
+    a = factors[0].new_zeros(len(pairs), rank, factors[0].shape[1], dtype=dtype)
+    b = factors[1].new_zeros(len(pairs), factors[1].shape[0], rank, dtype=dtype)
+    for k, (a_k, b_k) in enumerate(pairs):
+        a[k, : a_k.shape[0]], b[k, :, : b_k.shape[1]] = a_k, b_k
+    return a, b, ranks
+
+
+def keep_masks(
+    shape: torch.Size, dropouts: list[float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`keep_mask` for a ``[K, ...]`` stack of blocks in one draw, block ``k`` with drop probability
+    ``dropouts[k]`` (0 keeps everything); returns the bool mask and the ``[K]`` fp32 keep probabilities."""
+    per_block = (-1, *[1] * (len(shape) - 1))
+    if device.type != "cpu":
+        drop = torch.tensor(dropouts, device=device)
+        return torch.rand(shape, device=device) >= drop.view(per_block), 1 - drop
+    thresholds = torch.tensor([min(65535, round(p * 65536)) if p > 0 else 0 for p in dropouts])  # [K]
+    words = torch.empty((math.prod(shape) + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    draws = words.view(torch.int16)[: math.prod(shape)].view(shape)  # uniform over int16's 65,536 values
+    mask = draws >= (thresholds - 32768).to(torch.int16).view(per_block)
+    return mask, 1 - thresholds.float() / 65536
+
+
+def packed_lora_product(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    scales: list[float],
+    dropouts: list[float],
+    training: bool,
+) -> torch.Tensor:
+    """``base_out + s_k · (dropout_k(x) @ A_kᵀ) @ B_kᵀ`` on block ``k`` of ``K`` equal blocks of rows, through
+    :class:`PackedLoraProduct`.
+
+    Args:
+        x (torch.Tensor): ``[K·n, ..., in]`` the layer input, block ``k`` = rows ``[k·n, (k+1)·n)``.
+        base_out (torch.Tensor): ``[K·n, ..., out]`` the frozen base layer's output for ``x``.
+        factors (list[tuple[Tensor, Tensor]]): ``(A_k [r_k, in], B_k [out, r_k])`` per block (fp32).
+        scales (list[float]): Each block's adapter scale ``s_k``.
+        dropouts (list[float]): Each block's dropout probability.
+        training (bool): Apply the dropout.
+
+    Returns:
+        torch.Tensor: ``[K·n, ..., out]`` in ``base_out``'s dtype.
+    """
+    flat = [t for pair in factors for t in pair]
+    return PackedLoraProduct.apply(x, base_out, list(scales), list(dropouts), training, *flat)
+
+
+__all__ = [
+    "LoraProduct",
+    "PackedLoraProduct",
+    "compute_dtype",
+    "keep_mask",
+    "keep_masks",
+    "lora_product",
+    "packed_lora_product",
+]
