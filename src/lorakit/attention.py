@@ -98,7 +98,8 @@ def segment_attention_forward(
                 module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs
             )
             outputs.append(span[0])  # [B, b - a, H, D]
-    return torch.cat(outputs, dim=1).to(dtype), None  # [B, T, H, D]
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, H, D]
+    return out.to(dtype), None
 
 
 def _plain_causal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, spans, kwargs: dict) -> bool:
