@@ -181,9 +181,9 @@ class LoraLinear(AdapterLinear):
         dropouts = [self.lora_dropout[name] for name, _, _ in blocks]
         equal = len({stop - start for _, start, stop in blocks}) == 1  # a pack: one micro-batch per config
         plain = all(isinstance(d, (nn.Dropout, nn.Identity)) for d in dropouts)  # else: the module path
-        if not (self.fused_autograd and torch.is_grad_enabled() and equal and plain):
+        if not (self.fused_autograd and equal and plain):
             return super().joined_block_output(x, result, blocks)
-        # Training a pack: every block's product batched over the blocks (lora_fn.PackedLoraProduct).
+        # A pack (training or its evaluation): every block's product batched over the blocks (PackedLoraProduct).
         factors = [(self.lora_A[name].weight, self.lora_B[name].weight) for name, _, _ in blocks]
         p, scales = [getattr(d, "p", 0.0) for d in dropouts], [self.scaling[name] for name, _, _ in blocks]
         return packed_lora_product(x, result, factors, scales, p, dropouts[0].training)
