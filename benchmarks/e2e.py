@@ -15,8 +15,10 @@ dtype, autocast, fp32 adapters), response-only loss (lorakit's ``train_on=respon
 on the same rows as prompt/completion pairs: the alpaca prompt, or the conversation up to the last assistant
 turn), the same steps, batch, sequence length, optimizer (AdamW, no weight decay, clip 1.0), schedule and seed,
 no gradient checkpointing (TRL's default turns it on; it is off here as in lorakit), no evaluation or checkpoint
-during the run. Each run is its own process (``--child``), so peak RSS is the run's own; runs alternate between
-the stacks for ``--rounds`` rounds and the table gives medians.
+during the run. With ``--aligned`` (the default) TRL reads the rows in lorakit's order and uses lorakit's lr
+schedule, so the held-out losses compare the stacks, not two shuffles and two warmup conventions. Each run is its
+own process (``--child``), so peak RSS is the run's own; runs alternate between the stacks for ``--rounds`` rounds
+and the table gives medians.
 
 Measured per run:
 - training tokens/s: real tokens (no pads) of steps 2..N over the time from the end of step 1 to the end of
