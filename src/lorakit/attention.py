@@ -25,9 +25,8 @@ from torch import nn
 
 NAME = "lorakit_segments"
 KEYWORD = "lorakit_segments"  # the forward keyword that carries the spans: tuple[tuple[int, int], ...]
-WHOLE_ROW = (
-    "whole_row"  # the keyword's value for SDPA's mask over the whole row, with the spans' precision inside
-)
+# The keyword's value for SDPA's mask over the whole row, with the spans' precision inside (the enable check).
+WHOLE_ROW = "whole_row"
 _CALLS = {"per_sample": 0, "whole_row": 0}  # which path the attention calls took (read by the enable check)
 
 
