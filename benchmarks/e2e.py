@@ -261,7 +261,6 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps = [line for line in result.history if "tokens" in line]
     import lorakit
-    from lorakit.attention import enable_segment_attention
     from lorakit.data import load_dataset, training_collator
     from lorakit.train import load_base
 
@@ -272,10 +271,7 @@ def run_lorakit(work: Workload, out: Path, precision: str) -> dict:
     # One batch of the run's shape (the first of the data, padding-free as the run), forward + backward.
     train_set, _, _ = load_dataset(resolved.data, tokenizer)
     items = [train_set[i] for i in range(work.batch)]
-    collator = training_collator(tokenizer, model, resolved.data.padding_free)
-    if collator.padding_free:
-        enable_segment_attention(model)  # as the run did
-    batch = collator(items)
+    batch = training_collator(tokenizer, model, resolved.data.padding_free)(items)  # the run's batches, attention
     model.train()
     flops = count_flops(
         lambda: accumulate_gradients(model, [batch], torch.device("cpu"), resolved.train.precision)

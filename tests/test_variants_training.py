@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 import lorakit
 from lorakit.adapters.base import AdapterLinear
 from lorakit.adapters.rank_allocator import AdaLoraController
-from lorakit.attention import enable_segment_attention
 from lorakit.cli import main
 from lorakit.data import load_dataset, training_collator
 from lorakit.errors import ConfigError
@@ -104,8 +103,6 @@ def _fresh(recipe, adapter=None, is_trainable=False):
 def _eval_loss(recipe, tokenizer, model) -> float:
     _, val_set, _ = load_dataset(recipe.data, tokenizer)
     collator = training_collator(tokenizer, model, recipe.data.padding_free)  # the batches training evaluated
-    if collator.padding_free:
-        enable_segment_attention(model)  # and the attention it evaluated them with
     return evaluate_loss(model, val_set, collator, recipe.train, torch.device("cpu"))
 
 

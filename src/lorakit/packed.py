@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lorakit.attention import enable_segment_attention
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, rng_state, set_rng_state
 from lorakit.data import DataError, load_dataset, real_token_count, training_collator
 from lorakit.errors import ConfigError
@@ -270,8 +269,6 @@ def _members(
     """Each config's optimizer (over its adapter alone), schedule, output directory, state and log."""
     train_set, val_set = data
     collator = training_collator(tokenizer, model, recipes[0].data.padding_free)  # the pack shares its data
-    if collator.padding_free:
-        enable_segment_attention(model)  # attention per sample of a padding-free row, as a separate run
     members = []
     for recipe, out, name in zip(recipes, outs, adapters):
         set_adapter(model, name)  # only this adapter trainable: the optimizer takes the trainable parameters

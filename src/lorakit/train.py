@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from lorakit import distributed
 from lorakit.activations import enable_checkpointing, return_freed_memory_to_os
 from lorakit.arithmetic import stack_adapters
-from lorakit.attention import enable_segment_attention
 from lorakit.checkpoint import list_checkpoints, load_checkpoint
 from lorakit.data import DataError, load_dataset, real_token_count, training_collator
 from lorakit.errors import ConfigError
@@ -334,8 +333,6 @@ def _setup(recipe: Recipe, out: Path, ranks: distributed.Ranks) -> _Run:
     scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     collator = training_collator(tokenizer, model, recipe.data.padding_free)  # padding-free where it can
-    if collator.padding_free:
-        enable_segment_attention(model)  # attention per sample of a padding-free row, where it equals SDPA's
     return _Run(model, tokenizer, hooks, train_set, val_set, collator, optimizer, scheduler,
                 scaler, _device(), total_steps, ranks=ranks)  # fmt: skip
 

@@ -7,10 +7,11 @@ that is five elementwise passes over ``[tokens, in]`` or ``[tokens, out]`` per p
 two small products (a profile of a SmolLM2 step: ``copy_`` 20% and ``mul`` 17% of the time, ``mm`` 27%).
 
 Here, in the compute dtype (autocast's, else ``x``'s): one dropout pass (a boolean mask is kept for backward, not
-a dropped copy; its ``1 / keep`` joins the scale at rank r; :func:`keep_mask` draws it), ``h = drop(x) Aᵀ · s`` at rank r, and ``base_out + h Bᵀ`` as one ``addmm``. Saved for
-backward: ``x`` (already alive: the base layer's input), the mask, ``h`` ([tokens, r]) and the two factors in the
-compute dtype. Backward: ``gB = gᵀ h``, ``gh = g B · s``, ``gA = ghᵀ drop(x)``, ``gx = drop(gh A)``; factor
-gradients are returned in fp32 (the adapter dtype). In fp32 it equals the reference to rounding
+a dropped copy; its ``1 / keep`` joins the scale at rank r; :func:`keep_mask` draws it), ``h = drop(x) Aᵀ · s``
+at rank r, and ``base_out + h Bᵀ`` as one ``addmm``. Saved for backward: ``x`` (already alive: the base layer's
+input), the mask, ``h`` ([tokens, r]) and the two factors in the compute dtype. Backward: ``gB = gᵀ h``,
+``gh = g B · s``, ``gA = ghᵀ drop(x)``, ``gx = drop(gh A)``; factor gradients are returned in fp32 (the adapter
+dtype). In fp32 it equals the reference to rounding
 (``tests/test_lora.py``); with dropout the mask comes from another draw of the RNG than ``nn.Dropout``'s.
 """
 
@@ -42,10 +43,8 @@ class LoraProduct(torch.autograd.Function):
             mask, scale = None, scaling
             if dropout > 0 and training:
                 mask, keep = keep_mask(flat.shape, dropout, flat.device)  # [N, in] bool
-                flat_kept, scale = (
-                    flat * mask,
-                    scaling / keep,
-                )  # dropout's 1 / keep folded into the rank-r scale
+                flat_kept = flat * mask
+                scale = scaling / keep  # dropout's 1 / keep folded into the rank-r scale
             else:
                 flat_kept = flat
             hidden = (flat_kept @ a.T) * scale  # [N, r]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lorakit.attention import enable_segment_attention
 from lorakit.data.encode import IGNORE_INDEX
 from lorakit.errors import ConfigError
 
@@ -163,8 +164,8 @@ def supports_padding_free(model: Any) -> bool:
     """Whether ``model`` keeps the samples of a padding-free row apart when told by ``position_ids`` alone.
 
     Checked, not assumed (transformers 5 finds packed samples from position resets in most decoders, not
-    necessarily in all, nor in custom code): one forward of two rows that share their second sample and differ in the
-    first, ``[a b c | d e]`` and ``[x y z | d e]`` with positions ``0 1 2 0 1``, in eval mode without grad. The
+    necessarily in all, nor in custom code): one forward of two rows that share their second sample and differ in
+    the first, ``[a b c | d e]`` and ``[x y z | d e]`` with positions ``0 1 2 0 1``, in eval mode without grad. The
     second sample's logits are the same in both rows only if nothing crosses the boundary.
     """
     forward = getattr(model, "forward", None)
@@ -188,7 +189,10 @@ def supports_padding_free(model: Any) -> bool:
 
 def training_collator(tokenizer: Any, model: Any, padding_free: bool = True) -> Collator:
     """The training loop's collator: padding-free rows where ``padding_free`` and the model allows them (samples
-    kept apart through ``position_ids``), else padded batches (packed rows with the 4-D mask).
+    kept apart through ``position_ids``), else padded batches (packed rows with the 4-D mask). With padding-free
+    rows the model is also switched to attention per sample of a row where that equals SDPA's
+    (:func:`lorakit.attention.enable_segment_attention`): the batches and the attention that reads them are
+    chosen together, for training, a pack and their evaluations alike.
 
     Args:
         tokenizer (PreTrainedTokenizerBase): The tokenizer.
@@ -199,6 +203,7 @@ def training_collator(tokenizer: Any, model: Any, padding_free: bool = True) -> 
         Collator: The collator.
     """
     if padding_free and supports_padding_free(model):
+        enable_segment_attention(model)
         return make_collator(tokenizer, "position_ids", padding_free=True)
     return make_collator(tokenizer)
 
