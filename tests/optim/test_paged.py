@@ -173,3 +173,33 @@ def test_param_groups_and_extra_arguments_pass_through():
     )
     with pytest.raises(ConfigError, match="min_paged_size"):
         build_optimizer([a], "paged_adamw", lr=1e-3, weight_decay=0.0, min_paged_size=-1)
+
+
+def test_adamw_takes_the_fused_kernel_and_steps_as_torchs_loop():
+    """``adamw`` builds torch's fused AdamW for plain tensors (a generator of them and param groups too); its
+    steps equal the default per-parameter loop's to float rounding."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(16, 96)), torch.nn.Parameter(torch.randn(80, 16))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    fused = build_optimizer((p for p in ours), "adamw", lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True and fused.param_groups[0]["params"] == ours
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    groups = build_optimizer([{"params": ours[0], "lr": 1e-3}], "adamw", lr=1e-2, weight_decay=0.0)
+    assert groups.defaults["fused"] is True and groups.param_groups[0]["params"] == [ours[0]]
+
+
+def test_adamw_keeps_the_loop_where_the_fused_kernel_does_not_apply():
+    """An explicit ``foreach`` (or ``fused``) is the caller's; a non-float parameter keeps torch's default."""
+    a = torch.nn.Parameter(torch.zeros(4))
+    assert build_optimizer([a], "adamw", lr=1e-3, weight_decay=0.0, foreach=True).defaults["fused"] is None
+    assert build_optimizer([a], "adamw", lr=1e-3, weight_decay=0.0, fused=False).defaults["fused"] is False
+    ints = torch.nn.Parameter(torch.zeros(4, dtype=torch.int32), requires_grad=False)
+    assert build_optimizer([a, ints], "adamw", lr=1e-3, weight_decay=0.0).defaults["fused"] is None
