@@ -43,7 +43,7 @@ class LoraProduct(torch.autograd.Function):
             mask, scale = None, scaling
             if dropout > 0 and training:
                 mask, keep = keep_mask(flat.shape, dropout, flat.device)  # [N, in] bool
-                flat_kept = flat * mask
+                flat_kept = dropped(flat, mask)
                 scale = scaling / keep  # dropout's 1 / keep folded into the rank-r scale
             else:
                 flat_kept = flat
@@ -62,15 +62,24 @@ class LoraProduct(torch.autograd.Function):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)  # [N, out]
             grad_b = (g.T @ hidden).to(factor_dtype)  # [out, r]
             grad_hidden = (g @ b) * scale  # [N, r]
-            flat_kept = flat if mask is None else flat * mask
+            flat_kept = dropped(flat, mask)
             grad_a = (grad_hidden.T @ flat_kept).to(factor_dtype)  # [r, in]
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = grad_hidden @ a  # [N, in]
-                if mask is not None:
-                    grad_x = grad_x * mask
+                grad_x = dropped(grad_x, mask)
                 grad_x = grad_x.to(x_dtype).view(x_shape)
         return grad_x, grad_a, grad_b, grad_out, None, None, None
+
+
+def dropped(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the elements where ``mask`` is False set to 0 (``x`` itself for no mask).
+
+    ``torch.where``, not ``x * mask``: on a CPU a product of a bf16 and a bool tensor first writes the mask out as
+    a bf16 copy (type promotion), a third more passes; ``where`` reads it as it is (139 vs 86 us for 4 x 99 x 576
+    on this repository's EPYC, about 20 such products per layer and training step).
+    """
+    return x if mask is None else torch.where(mask, x, 0.0)
 
 
 def keep_mask(shape: torch.Size, dropout: float, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -145,7 +154,7 @@ class PackedLoraProduct(torch.autograd.Function):
             if training and any(p > 0 for p in dropouts):
                 mask, keep = keep_masks(flat.shape, dropouts, flat.device)  # [K, n, in] bool, [K]
                 scale = scale / keep.to(dtype)
-            flat_kept = flat if mask is None else flat * mask
+            flat_kept = dropped(flat, mask)
             hidden = torch.bmm(flat_kept, a.transpose(1, 2)) * scale[:, None, None]  # [K, n, r]
             out = base_out.reshape(blocks, -1, base_out.shape[-1]).to(dtype)  # [K, n, out]
             out = torch.baddbmm(out, hidden, b.transpose(1, 2)).to(base_out.dtype)
@@ -161,13 +170,12 @@ class PackedLoraProduct(torch.autograd.Function):
             g = grad_out.reshape(len(ranks), -1, grad_out.shape[-1]).to(a.dtype)  # [K, n, out]
             grad_b = torch.bmm(g.transpose(1, 2), hidden)  # [K, out, r]
             grad_hidden = torch.bmm(g, b) * scale[:, None, None]  # [K, n, r]
-            flat_kept = flat if mask is None else flat * mask
+            flat_kept = dropped(flat, mask)
             grad_a = torch.bmm(grad_hidden.transpose(1, 2), flat_kept)  # [K, r, in]
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = torch.bmm(grad_hidden, a)  # [K, n, in]
-                if mask is not None:
-                    grad_x = grad_x * mask
+                grad_x = dropped(grad_x, mask)
                 grad_x = grad_x.to(x_dtype).view(x_shape)
             grads = []
             for k, r in enumerate(ranks):  # each block's own factors, without the padding
@@ -246,6 +254,7 @@ __all__ = [
     "LoraProduct",
     "PackedLoraProduct",
     "compute_dtype",
+    "dropped",
     "keep_mask",
     "keep_masks",
     "lora_product",
