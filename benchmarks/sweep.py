@@ -142,13 +142,19 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of every mode (default: torch's)"
     )
+    parser.add_argument(
+        "--modes", default=",".join(TITLES), help=f"modes to run, comma-separated (default {','.join(TITLES)})"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/)")
     args = parser.parse_args()
+    modes = [m for m in TITLES if m in args.modes.split(",")]
+    if "packed" not in modes or len(modes) < 2:
+        parser.error(f"--modes: packed and at least one of {', '.join(m for m in TITLES if m != 'packed')}")
     extra = workload_overrides(args)
-    runs: dict[str, list[dict]] = {mode: [] for mode in TITLES}
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for mode in TITLES:
+            for mode in modes:
                 root = Path(tmp) / f"{mode}-{repeat}"
                 if mode == "processes":
                     run = run_processes(root, args.steps, extra, args.threads)
@@ -156,7 +162,9 @@ def main() -> None:
                     run = run_mode(root, mode == "packed", args.steps, extra, args.threads)
                 runs[mode].append(run)
                 print(f"{mode:10} {run['seconds']:7.1f} s  peak {run['peak_memory_mb']:7.1f} MB")
-        difference = adapter_difference(runs["sequential"][0]["dir"], runs["packed"][0]["dir"])
+        difference = (
+            adapter_difference(runs["sequential"][0]["dir"], runs["packed"][0]["dir"]) if "sequential" in runs else None
+        )
     median = {mode: statistics.median(r["seconds"] for r in runs[mode]) for mode in runs}
     peak = {mode: max(r["peak_memory_mb"] for r in runs[mode]) for mode in runs}
     load = os.getloadavg()[0]
@@ -164,17 +172,18 @@ def main() -> None:
     print(f"\n{args.workload}: 4 configs x {args.steps} steps ({', '.join(AXES)}), {' '.join(extra) or 'as shipped'}, "
           f"{threads} threads, load average {load:.1f}")  # fmt: skip
     print("| mode | wall time (s) | peak memory (MB) | time / packed |\n|---|---|---|---|")
-    for mode, title in TITLES.items():
+    for mode in modes:
+        title = TITLES[mode]
         print(f"| {title} | {median[mode]:.1f} | {peak[mode]:.0f} | {median[mode] / median['packed']:.2f}x |")
-    print(f"largest adapter difference packed vs sequential: {difference:.2e}")
+    if difference is not None:
+        print(f"largest adapter difference packed vs sequential: {difference:.2e}")
     for mode in runs:
         for run in runs[mode]:
             run["dir"] = None
     meta = {"steps": args.steps, "axes": AXES, "workload": args.workload, "overrides": extra,
-            "repeats": args.repeats, "threads": threads, "load_average": load}  # fmt: skip
+            "repeats": args.repeats, "threads": threads, "load_average": load, "modes": modes}  # fmt: skip
     summary = {"seconds": median, "peak_memory_mb": peak, "max_adapter_difference": difference,
-               "speedup_vs_sequential": median["sequential"] / median["packed"],
-               "speedup_vs_processes": median["processes"] / median["packed"]}  # fmt: skip
+               **{f"speedup_vs_{mode}": median[mode] / median["packed"] for mode in modes if mode != "packed"}}  # fmt: skip
     name = "sweep" if args.workload == "quickstart" else f"sweep-{args.workload}"
     write_results(name, {"meta": meta, "summary": summary, "runs": runs}, args.out)
 
