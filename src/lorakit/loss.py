@@ -42,9 +42,15 @@ def _decoder(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def _head_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+def _head_ce_sums(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, block_ids: torch.Tensor, blocks: int
+) -> torch.Tensor:
+    """The summed cross-entropy of each block's tokens in this chunk: ``[blocks]`` fp32."""
     logits = head(hidden).float()  # [n, vocab] in fp32 for a stable log-softmax
-    return F.cross_entropy(logits, targets, reduction="sum")
+    if blocks == 1:
+        return F.cross_entropy(logits, targets, reduction="sum")[None]
+    losses = F.cross_entropy(logits, targets, reduction="none")  # [n]
+    return losses.new_zeros(blocks).index_add(0, block_ids, losses)
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
@@ -82,7 +88,9 @@ def causal_lm_loss_sums(
     """:func:`causal_lm_loss_sum` per block of rows: the batch is ``blocks`` equal contiguous blocks holding the same
     samples (a training pack, :mod:`lorakit.packed`: one block per adapter config).
 
-    Each block's sum is chunked exactly as that block alone would be, so it equals a separate run's loss.
+    Each token's loss is what a separate run computes for it (a chunk's rows are independent), added to its own
+    block's sum: a block's sum equals that run's loss up to float summation order. Chunks of ``chunk_tokens`` run
+    across the blocks, so the blocks share the output head's products.
 
     Returns:
         tuple[Tensor, int]: The fp32 loss sums ``[blocks]`` (with grad) and the target tokens of one block.
@@ -116,14 +124,16 @@ def causal_lm_loss_sums(
         targets[mask],
     )  # [N, H], [N]: rows in order, so block k is [k·n, (k+1)·n)
     head = model.get_output_embeddings()
-    sums = []
-    for block in range(blocks):
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(block * count, (block + 1) * count, chunk_tokens):
-            stop = min(start + chunk_tokens, (block + 1) * count)
-            # Recompute the chunk's logits in backward instead of keeping them: one chunk alive at a time.
-            total = total + checkpoint(
-                _head_ce_sum, hidden[start:stop], flat_targets[start:stop], head, use_reentrant=False
-            )
-        sums.append(total)
-    return torch.stack(sums), count
+    # Chunks run across the blocks: a pack's blocks share each output-head product (4 configs x 28 targets: one
+    # product of 112 rows, 18 ms, instead of 4 of 28, 29 ms, each three times a step); each token's loss is added to
+    # its own block's sum.
+    block_ids = torch.arange(blocks, device=hidden.device).repeat_interleave(count)  # [N]
+    sums = hidden.new_zeros(blocks, dtype=torch.float32)
+    for start in range(0, blocks * count, chunk_tokens):
+        stop = min(start + chunk_tokens, blocks * count)
+        # Recompute the chunk's logits in backward instead of keeping them: one chunk alive at a time.
+        sums = sums + checkpoint(
+            _head_ce_sums, hidden[start:stop], flat_targets[start:stop], head, block_ids[start:stop], blocks,
+            use_reentrant=False,
+        )  # fmt: skip
+    return sums, count
