@@ -11,12 +11,13 @@ exit (imports, loading, training, evaluation, writing every run directory):
 - ``packed``: ``lorakit sweep``: the four configs in one pack over one base (``lorakit.packed``).
 
 The peak memory of each mode is the largest pack's (or run's) peak RSS (``VmHWM`` after a reset; on CUDA the
-allocator's peak) from the sweep's ``results.json``. Afterwards the script checks that the two modes trained the
+allocator's peak) from the sweep's ``results.json``; for ``processes`` the largest child's (``wait4``). Afterwards the script checks that the two modes trained the
 same adapters (largest difference of any tensor), so the speed is not bought with different results. The modes
 alternate over ``--repeats`` and the table shows medians.
 
 Usage (the quiet-file protocol of docs/benchmarks: nobody else timing, nothing heavy running):
-    PYTHONPATH=src .venv/bin/python benchmarks/sweep.py [--steps 60] [--repeats 1] [--model DIR]
+    PYTHONPATH=src .venv/bin/python benchmarks/sweep.py [--workload smollm2] [--steps 60] [--repeats 1]
+        [--modes processes,sequential,packed] [--model DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -77,13 +77,17 @@ def run_processes(root: Path, steps: int, extra: list[str], threads: int | None)
     """Four ``lorakit train`` processes, one per config; wall time and the largest child's peak RSS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     values = [[f"{axis.split('=')[0]}={v}" for v in axis.split("=")[1].split(",")] for axis in AXES]
-    started = time.perf_counter()
+    started, peak_kib = time.perf_counter(), 0
     for i, config in enumerate(itertools.product(*values)):
         overrides = [f"train.max_steps={steps}", "train.eval_generate=0", f"train.eval_every={steps}", *config,
                      f"output_dir={root / str(i)}", *extra]  # fmt: skip
         command = [sys.executable, "-m", "lorakit.cli", "train", *overrides, "--no-progress"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS (RUSAGE_CHILDREN: any child's)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            raise subprocess.CalledProcessError(child.returncode, command)
+        peak_kib = max(peak_kib, usage.ru_maxrss)
     return {
         "seconds": time.perf_counter() - started,
         "peak_memory_mb": round(peak_kib * 1024 / 1e6, 1),
