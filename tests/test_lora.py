@@ -352,3 +352,23 @@ def test_packed_lora_product_drops_each_block_with_its_own_probability():
     kept = ~dropped[n:]  # and the kept elements are scaled by 1 / keep = 2, as the block's own product does
     expected = lora_product(x[n:] * kept, *factors[1], torch.zeros(n, d), 1.0) * 2
     torch.testing.assert_close(out[n:], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_lora_product_in_bf16_equals_each_blocks_own_product():
+    """Under bf16 autocast each block's output and factor gradients are its own ``lora_product``'s, bit for bit:
+    the scales (here 1/3 and 4/3, not bf16 numbers) stay fp32 and each rank-r product is rounded once."""
+    torch.manual_seed(0)
+    n, d, r, scales = 16, 64, 4, [1 / 3, 16 / 12]
+    factors = [(torch.randn(r, d, requires_grad=True), torch.randn(d, r, requires_grad=True)) for _ in scales]
+    x, base = torch.randn(2 * n, d).bfloat16(), torch.randn(2 * n, d).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = packed_lora_product(x, base, factors, scales, [0.0, 0.0], False)
+        alone = [lora_product(x[k * n : (k + 1) * n], *factors[k], base[k * n : (k + 1) * n], s) for k, s in
+                 enumerate(scales)]  # fmt: skip
+    assert torch.equal(packed, torch.cat(alone))
+    flat = [t for pair in factors for t in pair]
+    grad_out = torch.randn_like(packed)
+    ours = torch.autograd.grad(packed, flat, grad_out)
+    theirs = torch.autograd.grad(torch.cat(alone), flat, grad_out)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)

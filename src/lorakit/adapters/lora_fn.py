@@ -150,12 +150,13 @@ class PackedLoraProduct(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(blocks, -1, x.shape[-1]).to(dtype)  # [K, n, in]
             a, b, ranks = _stack_factors(factors, dtype)  # [K, r, in], [K, out, r]
-            scale, mask = torch.tensor(scales, dtype=dtype, device=x.device), None
+            # fp32 scales, each product rounded once to the compute dtype: a scalar's product in LoraProduct
+            scale, mask = torch.tensor(scales, dtype=torch.float32, device=x.device)[:, None, None], None
             if training and any(p > 0 for p in dropouts):
                 mask, keep = keep_masks(flat.shape, dropouts, flat.device)  # [K, n, in] bool, [K]
-                scale = scale / keep.to(dtype)
+                scale = scale / keep.to(x.device)[:, None, None]
             flat_kept = dropped(flat, mask)
-            hidden = torch.bmm(flat_kept, a.transpose(1, 2)) * scale[:, None, None]  # [K, n, r]
+            hidden = (torch.bmm(flat_kept, a.transpose(1, 2)) * scale).to(dtype)  # [K, n, r]
             out = base_out.reshape(blocks, -1, base_out.shape[-1]).to(dtype)  # [K, n, out]
             out = torch.baddbmm(out, hidden, b.transpose(1, 2)).to(base_out.dtype)
         ctx.save_for_backward(flat, mask, hidden, a, b, scale)
@@ -169,7 +170,7 @@ class PackedLoraProduct(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(len(ranks), -1, grad_out.shape[-1]).to(a.dtype)  # [K, n, out]
             grad_b = torch.bmm(g.transpose(1, 2), hidden)  # [K, out, r]
-            grad_hidden = torch.bmm(g, b) * scale[:, None, None]  # [K, n, r]
+            grad_hidden = (torch.bmm(g, b) * scale).to(g.dtype)  # [K, n, r]
             flat_kept = dropped(flat, mask)
             grad_a = torch.bmm(grad_hidden.transpose(1, 2), flat_kept)  # [K, r, in]
             grad_x = None
