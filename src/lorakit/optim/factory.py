@@ -47,6 +47,7 @@ def build_optimizer(
 
 
 def _listed(group: Any) -> Any:
+    """A param group with its ``params`` as a list (a generator or a single tensor read here, once)."""
     if isinstance(group, dict):
         params = group["params"]
         return {**group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
